@@ -1,0 +1,1 @@
+"""Runnable programs around rl_loss: the Hydra training launcher, sweep reports, config checks."""

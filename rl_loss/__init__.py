@@ -1,0 +1,46 @@
+"""rl-loss: policy-gradient loss aggregation for LLM RL, exact under micro-batching, DP and CP."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rl_loss.advantages import group_advantages
+from rl_loss.aggregation import EmptyStepWarning, ReducerFactory, StepWeights, TokenReducer, build_step_weights
+from rl_loss.config import AGGREGATIONS, DivisorBelowMaxLength, LossConfig, RelabelNotice
+from rl_loss.layout import local_response_ranges
+from rl_loss.policy_loss import clipped_pg_loss, kl_penalty, policy_loss, truncated_importance_weights
+from rl_loss.step import StepBatch
+
+__version__ = "0.1.0"
+
+
+def build_reducer_factory(**loss_fields: Any) -> ReducerFactory:
+    """Validate loss fields (e.g. a Hydra ``loss`` group) and return their :class:`ReducerFactory`.
+
+    This is the ``_target_`` of every ``conf/loss/*.yaml``: ``hydra.utils.instantiate(cfg.loss)``.
+
+    Raises:
+        pydantic.ValidationError: (a ``ValueError``) naming each invalid field.
+    """
+    return ReducerFactory(LossConfig.model_validate(loss_fields))
+
+
+__all__ = [
+    "AGGREGATIONS",
+    "DivisorBelowMaxLength",
+    "EmptyStepWarning",
+    "LossConfig",
+    "ReducerFactory",
+    "RelabelNotice",
+    "StepBatch",
+    "StepWeights",
+    "TokenReducer",
+    "build_reducer_factory",
+    "build_step_weights",
+    "clipped_pg_loss",
+    "group_advantages",
+    "kl_penalty",
+    "local_response_ranges",
+    "policy_loss",
+    "truncated_importance_weights",
+]

@@ -1,0 +1,54 @@
+"""Group-relative advantages (SPEC §5), computed from the whole rollout's rewards.
+
+Statistics are taken over every sample of a prompt group, whatever micro-batch, DP rank or CP rank
+later holds each sample: callers pass the rewards of the full rollout, never a slice of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+ADVANTAGE_ESTIMATORS: tuple[str, ...] = ("grpo", "drgrpo")
+
+
+def group_advantages(
+    rewards: Tensor, group_index: Sequence[int] | Tensor, estimator: str = "grpo", eps: float = 1e-6
+) -> Tensor:
+    """Per-sample advantages relative to the sample's prompt group.
+
+    grpo (DeepSeekMath):  A_i = (r_i - mean_g) / (std_g + eps), std_g the unbiased group std
+    (0 for a group of one sample).
+    drgrpo (Dr.GRPO):     A_i = r_i - mean_g (no std division: it up-weights near-solved prompts).
+
+    Args:
+        rewards: 1-D float tensor, one reward per sample of the rollout.
+        group_index: prompt group of each sample.
+        estimator: ``"grpo"`` or ``"drgrpo"``.
+        eps: added to the group std (grpo only).
+
+    Returns:
+        1-D tensor of advantages, same dtype as ``rewards``.
+    """
+    if estimator not in ADVANTAGE_ESTIMATORS:
+        raise ValueError(f"estimator must be one of {', '.join(ADVANTAGE_ESTIMATORS)} (got {estimator!r})")
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be 1-D, one per sample (got shape {tuple(rewards.shape)})")
+    groups = torch.as_tensor(group_index, dtype=torch.long)
+    if groups.shape != rewards.shape:
+        raise ValueError(f"group_index must have one entry per reward ({rewards.numel()}) (got {groups.numel()})")
+    if not bool(torch.isfinite(rewards).all()):
+        raise ValueError("rewards must be finite (got NaN or inf)")
+    _, dense = torch.unique(groups, return_inverse=True)
+    num_groups = int(dense.max()) + 1 if dense.numel() else 0
+    r = rewards.to(torch.float64)
+    count = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, dense, torch.ones_like(r))
+    mean = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, dense, r) / count
+    centred = r - mean[dense]
+    if estimator == "drgrpo":
+        return centred.to(rewards.dtype)
+    sq = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, dense, centred * centred)
+    std = (sq / (count - 1).clamp_min(1)).sqrt()
+    return (centred / (std[dense] + eps)).to(rewards.dtype)

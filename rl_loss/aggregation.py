@@ -1,0 +1,326 @@
+"""Aggregation modes as step-level per-token weights, and the reducers that apply them.
+
+Every mode is a per-token weight ``w[i, t] = m[i, t] * c_i`` with ``c_i`` depending only on step-level
+counts, so the step objective is ``J = sum_{i,t} w[i, t] * l[i, t]``. The weights are built once per
+step from metadata (:meth:`ReducerFactory.step_weights`); a micro-batch / DP rank / CP rank then reduces
+its local values with one dot product against its slice of them. Summing the partials over any
+partition of the step gives J exactly, with no collective inside the reducer (SPEC §2-§3).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from rl_loss.config import LossConfig
+from rl_loss.layout import check_cp_args, local_token_index
+from rl_loss.step import StepBatch
+
+TokenWeightFn = Callable[[StepBatch], Tensor]
+
+
+class EmptyStepWarning(UserWarning):
+    """Every loss-mask entry of a step is 0: the step objective is 0 and its gradient is 0."""
+
+
+def _sample_mean_scale(step: StepBatch, divisor: float | None) -> Tensor:
+    """sample_mean (GRPO): J = (1/N) * sum_i [ sum_t m*l / max(|o_i|, 1) ]  ->  c_i = 1 / (N * max(|o_i|, 1))."""
+    return 1.0 / (step.num_samples * step.sample_tokens().clamp_min(1))
+
+
+def _prompt_mean_scale(step: StepBatch, divisor: float | None) -> Tensor:
+    """prompt_mean (ScaleRL, DAPO paper): J = (1/P) * sum_g [ sum_{i in g} sum_t m*l / max(sum_{i in g} |o_i|, 1) ].
+
+    ->  c_i = 1 / (P * max(G_g(i), 1)), G_g = masked tokens of group g over the whole step, P = groups.
+    """
+    if step.group_ids is None:
+        raise ValueError(
+            "group_index is required with aggregation=prompt_mean: pass the prompt group of every sample to StepBatch"
+        )
+    group_tokens = torch.zeros(step.num_groups, dtype=torch.float64)
+    group_tokens.index_add_(0, step.group_ids, step.sample_tokens())
+    return 1.0 / (step.num_groups * group_tokens.clamp_min(1))[step.group_ids]
+
+
+def _token_mean_scale(step: StepBatch, divisor: float | None) -> Tensor:
+    """token_mean (DAPO as implemented): J = sum_i sum_t m*l / max(T, 1)  ->  c_i = 1 / max(T, 1)."""
+    total = step.sample_tokens().sum().clamp_min(1)
+    return (1.0 / total).expand(step.num_samples)
+
+
+def _constant_scale(step: StepBatch, divisor: float | None) -> Tensor:
+    """constant (Dr.GRPO): J = sum_i sum_t m*l / (N * L)  ->  c_i = 1 / (N * L), L = the configured divisor."""
+    return torch.full((step.num_samples,), 1.0 / (step.num_samples * float(divisor)), dtype=torch.float64)
+
+
+SAMPLE_SCALES: dict[str, Callable[[StepBatch, float | None], Tensor]] = {
+    "sample_mean": _sample_mean_scale,
+    "prompt_mean": _prompt_mean_scale,
+    "token_mean": _token_mean_scale,
+    "constant": _constant_scale,
+}
+
+
+@dataclass(frozen=True)
+class StepWeights:
+    """The per-token weights of one step in its flat order (float64), and what they imply.
+
+    Attributes:
+        weights: ``w`` of every response token, samples concatenated.
+        tokens: T, masked tokens of the step (from the pre-RS masks).
+        empty_step: True when T == 0 (J is 0 and so is its gradient).
+        loss_scale_vs_token_mean: ``sum w``, the mode's mean weight per masked token (``sum w / T``)
+            relative to token_mean's ``1 / T``: 1.0 for token_mean, ``T / (N * L)`` for constant, so a
+            wrong divisor shows at a glance.
+    """
+
+    weights: Tensor
+    tokens: int
+    empty_step: bool
+    loss_scale_vs_token_mean: float
+
+    def metrics(self) -> dict[str, float]:
+        """Step-level figures for logging."""
+        return {
+            "tokens": self.tokens,
+            "empty_step": float(self.empty_step),
+            "loss_scale_vs_token_mean": self.loss_scale_vs_token_mean,
+        }
+
+
+def build_step_weights(step: StepBatch, aggregation: str, divisor: float | None = None) -> StepWeights:
+    """Per-token weights of ``step`` for a built-in aggregation mode (vectorized, no per-sample loop)."""
+    scale = SAMPLE_SCALES[aggregation](step, divisor)
+    return _finish_weights(step, step.mask_flat * scale[step.sample_of_token()])
+
+
+def _finish_weights(step: StepBatch, weights: Tensor) -> StepWeights:
+    tokens = int(step.mask_flat.sum())
+    if tokens == 0:
+        warnings.warn(
+            f"every loss-mask entry of the step is 0 ({step.num_samples} samples): pg_loss is 0 with zero "
+            "gradient (metric empty_step=1)",
+            EmptyStepWarning,
+            stacklevel=3,
+        )
+    scale_vs_token_mean = float(weights.sum())
+    return StepWeights(weights, tokens, tokens == 0, scale_vs_token_mean)
+
+
+class TokenReducer:
+    """Reduces one rank's local per-token values of one micro-batch to its partial of the step objective.
+
+    Built by :meth:`ReducerFactory.pg_reducer` / :meth:`ReducerFactory.metric_reducer`; calling it is a
+    single dot product with the rank's slice of the step weights (cast once per dtype and device).
+    """
+
+    def __init__(self, local_weights: Tensor, local_index: Tensor, step: StepBatch, check_finite: bool = True):
+        self._weights64 = local_weights
+        self._index = local_index
+        self._step = step
+        self._check_finite = check_finite
+        self._cast: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+
+    @property
+    def num_local_tokens(self) -> int:
+        """How many local values the reducer expects (the rank's response tokens of its samples)."""
+        return self._weights64.numel()
+
+    def weights(self, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu") -> Tensor:
+        """The local token weights, cast to ``dtype`` on ``device`` (cached)."""
+        key = (dtype, torch.device(device))
+        if key not in self._cast:
+            self._cast[key] = self._weights64.to(device=device, dtype=dtype)
+        return self._cast[key]
+
+    def token_count(self) -> int:
+        """Masked tokens among the local values (each token counted once across CP ranks)."""
+        return int(self._step.mask_flat[self._index].sum())
+
+    def __call__(self, local_values: Tensor) -> Tensor:
+        """Partial objective ``sum_k w[k] * local_values[k]`` (differentiable in ``local_values``).
+
+        Raises:
+            ValueError: if ``local_values`` is not 1-D of the rank's local length, or holds a non-finite
+                value at a token with non-zero weight. Non-finite values at masked tokens are ignored.
+        """
+        if not isinstance(local_values, Tensor) or local_values.dim() != 1 or local_values.numel() != self.num_local_tokens:
+            shape = tuple(local_values.shape) if isinstance(local_values, Tensor) else type(local_values).__name__
+            raise ValueError(
+                f"local_values must be a 1-D tensor of this rank's {self.num_local_tokens} response tokens "
+                f"(its samples' CP pieces concatenated, SPEC §4) (got {shape})"
+            )
+        weights = self.weights(local_values.dtype, local_values.device)
+        partial = torch.dot(local_values, weights)
+        if self._check_finite and not bool(torch.isfinite(partial)):
+            partial = self._reduce_nonfinite(local_values, weights)
+        return partial
+
+    def _reduce_nonfinite(self, local_values: Tensor, weights: Tensor) -> Tensor:
+        # Slow path, taken only when the fast sum is not finite: masked positions may legitimately hold
+        # garbage (padding, -inf log-probs); an active one may not.
+        active = weights != 0
+        bad = torch.nonzero(active & ~torch.isfinite(local_values.detach()))
+        if bad.numel():
+            k = int(bad[0])
+            flat = int(self._index[k])
+            i = int(torch.searchsorted(torch.cumsum(self._step.response_lengths_t, 0), flat, right=True))
+            t = flat - int(self._step.response_offsets[i])
+            raise ValueError(
+                f"local_values[{k}] (sample {i}, response token {t}) is {float(local_values[k])} at a token "
+                f"with non-zero loss weight; {int(bad.numel())} such value(s) in this micro-batch"
+            )
+        return torch.dot(torch.where(active, local_values, torch.zeros_like(local_values)), weights)
+
+
+class ReducerFactory:
+    """Builds step weights and per-micro-batch reducers for one loss configuration.
+
+    Args:
+        config: the validated :class:`~rl_loss.LossConfig` (default: sample_mean).
+        check_finite: check each partial for NaN/inf and name the offending token (one scalar check).
+    """
+
+    def __init__(self, config: LossConfig | None = None, *, check_finite: bool = True):
+        self.config = config if config is not None else LossConfig()
+        self.check_finite = check_finite
+        self._custom = _import_token_weight_fn(self.config.custom_pg_reducer) if self.config.custom_pg_reducer else None
+
+    @property
+    def aggregation(self) -> str:
+        """The aggregation mode of pg_loss (``custom`` when a custom pg reducer is configured)."""
+        return "custom" if self._custom is not None else self.config.aggregation
+
+    def step_weights(self, step: StepBatch) -> StepWeights:
+        """pg_loss weights of ``step``, built once per step and cached on it."""
+        key = ("pg", self.aggregation, self.config.divisor, self.config.custom_pg_reducer)
+        if key not in step._cache:
+            if self._custom is not None:
+                step._cache[key] = _finish_weights(step, _custom_weights(self._custom, step))
+            else:
+                step._cache[key] = build_step_weights(step, self.config.aggregation, self.config.divisor)
+        return step._cache[key]
+
+    def metric_weights(self, step: StepBatch) -> StepWeights:
+        """Diagnostic weights of ``step``: always sample_mean, so runs with different modes compare."""
+        key = ("metric", "sample_mean")
+        if key not in step._cache:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", EmptyStepWarning)  # reported once, by the pg weights
+                step._cache[key] = build_step_weights(step, "sample_mean")
+        return step._cache[key]
+
+    def token_weights(self, step: StepBatch) -> list[Tensor]:
+        """Per-sample pg weights: ``J = sum_i sum_t w[i][t] * l[i][t]``; each tensor has length R_i."""
+        return list(torch.split(self.step_weights(step).weights, step.response_lengths_t.tolist()))
+
+    def step_metrics(self, step: StepBatch) -> dict[str, float]:
+        """``tokens``, ``empty_step`` and ``loss_scale_vs_token_mean`` of the step's pg weights."""
+        return self.step_weights(step).metrics()
+
+    def pg_reducer(
+        self,
+        step: StepBatch,
+        sample_indices: Sequence[int] | None = None,
+        cp_rank: int = 0,
+        cp_size: int = 1,
+        qkv_format: str = "thd",
+        max_seq_len: int | None = None,
+    ) -> TokenReducer:
+        """Reducer of pg_loss for the samples ``sample_indices`` as held by CP rank ``cp_rank``.
+
+        Args:
+            step: the optimizer step the samples belong to (denominators are step-level).
+            sample_indices: samples of this micro-batch on this DP rank; ``None`` means every sample.
+            cp_rank, cp_size: position in the context-parallel group (1 = no CP).
+            qkv_format: ``"thd"`` or ``"bshd"``; max_seq_len: padded width, required for bshd with CP.
+
+        Returns:
+            A :class:`TokenReducer`; summing its partials over a partition of the samples and every
+            CP rank gives the step objective J.
+        """
+        return self._reducer(self.step_weights(step), step, sample_indices, cp_rank, cp_size, qkv_format, max_seq_len)
+
+    def metric_reducer(
+        self,
+        step: StepBatch,
+        sample_indices: Sequence[int] | None = None,
+        cp_rank: int = 0,
+        cp_size: int = 1,
+        qkv_format: str = "thd",
+        max_seq_len: int | None = None,
+    ) -> TokenReducer:
+        """Like :meth:`pg_reducer` with sample_mean weights, for every diagnostic (clipfrac, KL, entropy...)."""
+        return self._reducer(self.metric_weights(step), step, sample_indices, cp_rank, cp_size, qkv_format, max_seq_len)
+
+    def _reducer(self, weights, step, sample_indices, cp_rank, cp_size, qkv_format, max_seq_len) -> TokenReducer:
+        check_cp_args(cp_rank, cp_size, qkv_format, max_seq_len)
+        samples = _check_sample_indices(sample_indices, step.num_samples)
+        if qkv_format == "bshd" and max_seq_len is not None:
+            chosen = step.total_lengths_t if samples is None else step.total_lengths_t[samples]
+            longest = int(chosen.max())
+            if longest > max_seq_len:
+                raise ValueError(f"max_seq_len={max_seq_len} is shorter than a sample of total_length={longest}")
+        if samples is None and cp_size == 1:
+            index = torch.arange(step.num_response_tokens)
+        else:
+            pick = (lambda t: t) if samples is None else (lambda t: t[samples])
+            index = local_token_index(
+                pick(step.total_lengths_t),
+                pick(step.response_lengths_t),
+                pick(step.response_offsets),
+                cp_rank,
+                cp_size,
+                qkv_format,
+                max_seq_len,
+            )
+        local = weights.weights if samples is None and cp_size == 1 else weights.weights[index]
+        return TokenReducer(local, index, step, self.check_finite)
+
+
+def _check_sample_indices(sample_indices: Sequence[int] | None, num_samples: int) -> Tensor | None:
+    if sample_indices is None:
+        return None
+    samples = torch.as_tensor(sample_indices, dtype=torch.long) if len(sample_indices) else torch.zeros(0, dtype=torch.long)
+    if samples.dim() != 1:
+        raise ValueError(f"sample_indices must be a flat sequence of sample numbers (got {sample_indices!r:.80})")
+    out = torch.nonzero((samples < 0) | (samples >= num_samples))
+    if out.numel():
+        raise ValueError(
+            f"sample_indices[{int(out[0])}]={int(samples[out[0]])} is out of range for a step of {num_samples} samples"
+        )
+    if torch.unique(samples).numel() != samples.numel():
+        values, counts = torch.unique(samples, return_counts=True)
+        raise ValueError(
+            f"sample_indices repeats sample {int(values[counts > 1][0])}: each sample may be reduced once per step"
+        )
+    return samples
+
+
+def _import_token_weight_fn(path: str) -> TokenWeightFn:
+    import importlib
+
+    module_name, sep, attr = path.partition(":") if ":" in path else path.rpartition(".")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr) if sep and module_name else None
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"custom_pg_reducer: cannot import {path!r} ({err}); use 'package.module:function'") from err
+    if not callable(fn):
+        raise ValueError(f"custom_pg_reducer: {path!r} is not a callable 'package.module:function'")
+    return fn
+
+
+def _custom_weights(fn: TokenWeightFn, step: StepBatch) -> Tensor:
+    weights = torch.as_tensor(fn(step), dtype=torch.float64).reshape(-1)
+    if weights.numel() != step.num_response_tokens:
+        raise ValueError(
+            f"custom_pg_reducer returned {weights.numel()} weights; expected one per response token "
+            f"({step.num_response_tokens})"
+        )
+    if not bool(torch.isfinite(weights).all()):
+        raise ValueError("custom_pg_reducer returned non-finite token weights")
+    return weights

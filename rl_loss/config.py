@@ -1,0 +1,156 @@
+"""The loss configuration: one pydantic model, the single source of truth for its fields.
+
+Types, bounds, defaults and the rules that tie fields together live here; the YAML presets under
+``conf/loss/`` hold values only, and Hydra's ``_target_`` builds a :class:`~rl_loss.ReducerFactory`
+from them through :func:`build_reducer_factory`. Rules that need other sections of a training run
+(steps per rollout, the rollout's max response length) live on the launcher's root model.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from typing_extensions import Self
+
+Aggregation = Literal["sample_mean", "prompt_mean", "token_mean", "constant"]
+AGGREGATIONS: tuple[str, ...] = ("sample_mean", "prompt_mean", "token_mean", "constant")
+KlEstimator = Literal["k1", "k2", "k3"]
+AdvantageEstimator = Literal["grpo", "drgrpo"]
+
+FACTORY_TARGET = "rl_loss.build_reducer_factory"
+
+
+class RelabelNotice(UserWarning):
+    """A setting was accepted under its canonical name (e.g. the per-token flag as token_mean)."""
+
+
+class DivisorBelowMaxLength(UserWarning):
+    """Dr.GRPO's divisor is below the longest possible response: pg_loss can exceed token_mean's scale."""
+
+
+def _finite_positive(value: float | None) -> bool:
+    return value is not None and math.isfinite(value) and value > 0
+
+
+class LossConfig(BaseModel):
+    """How the policy loss of a step is computed and aggregated (SPEC §2, §5, §6)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True, populate_by_name=True)
+
+    target: Literal["rl_loss.build_reducer_factory"] = Field(FACTORY_TARGET, alias="_target_")
+    """Hydra's builder of the reducer factory; always rl_loss.build_reducer_factory."""
+
+    aggregation: Aggregation = "sample_mean"
+    """How pg_loss is averaged over a step: sample_mean (GRPO) | prompt_mean (ScaleRL) | token_mean (DAPO) | constant (Dr.GRPO)."""
+
+    divisor: float | None = None
+    """L of Dr.GRPO: pg_loss = masked token sum / (N * L), N = samples per step. Only with aggregation=constant."""
+
+    calculate_per_token_loss: bool = False
+    """Megatron's flag: a legacy spelling of aggregation=token_mean (set by it; sample_mean + flag is relabelled)."""
+
+    eps_clip: float = Field(0.2, gt=0, lt=1)
+    """PPO clip range below 1: the ratio is clipped to [1 - eps_clip, 1 + eps_clip_high]."""
+
+    eps_clip_high: float | None = Field(None, gt=0, le=10)
+    """Upper clip range (DAPO's clip-higher); null means the same as eps_clip."""
+
+    eps_clip_c: float | None = Field(None, gt=1)
+    """Dual-clip constant (> 1): for negative advantages the loss is capped at -eps_clip_c * A; null disables."""
+
+    kl_coef: float = Field(0.0, ge=0, le=100)
+    """Weight of the KL penalty to the reference policy; 0 builds no reference model."""
+
+    kl_estimator: KlEstimator = "k3"
+    """KL estimator with d = logp - logp_ref: k1 = d, k2 = d^2 / 2, k3 = exp(-d) - 1 + d."""
+
+    entropy_coef: float = Field(0.0, ge=0, le=100)
+    """Weight of the entropy bonus subtracted from the loss."""
+
+    advantage_estimator: AdvantageEstimator = "grpo"
+    """grpo: (r - group mean) / (group std + eps); drgrpo: r - group mean (no std division)."""
+
+    advantage_eps: float = Field(1e-6, gt=0, le=1)
+    """eps added to the group std of the grpo estimator."""
+
+    custom_pg_reducer: str | None = None
+    """Import path 'module:function' (or 'module.function') of a token-weight function step -> flat weights; replaces the aggregation."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _per_token_flag_is_token_mean(cls, data: Any) -> Any:
+        # One axis, two spellings: token_mean sets Megatron's flag, and the flag with the default mode
+        # (an existing Megatron recipe) is relabelled token_mean rather than rejected.
+        if not isinstance(data, dict):
+            return data
+        aggregation = data.get("aggregation", "sample_mean")
+        if aggregation == "token_mean" and not data.get("calculate_per_token_loss"):
+            data = {**data, "calculate_per_token_loss": True}
+        elif (
+            data.get("calculate_per_token_loss") is True
+            and aggregation == "sample_mean"
+            and data.get("custom_pg_reducer") is None
+        ):
+            warnings.warn(
+                "loss.calculate_per_token_loss=true with aggregation=sample_mean: relabelled aggregation=token_mean "
+                "(the flag is the legacy spelling of token_mean)",
+                RelabelNotice,
+                stacklevel=2,
+            )
+            data = {**data, "aggregation": "token_mean"}
+        return data
+
+    @model_validator(mode="after")
+    def _constant_needs_divisor(self) -> Self:
+        if self.aggregation == "constant" and not _finite_positive(self.divisor):
+            raise ValueError(
+                f"divisor: must be a finite number > 0 when aggregation=constant (got {self.divisor}); "
+                "set it to the generation budget, e.g. the rollout's max response length"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _divisor_only_with_constant(self) -> Self:
+        if self.divisor is not None and self.aggregation != "constant":
+            raise ValueError(
+                f"divisor: is only used by aggregation=constant, it would be ignored with "
+                f"aggregation={self.aggregation} (got {self.divisor}); remove it or set aggregation=constant"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _per_token_flag_keeps_mode(self) -> Self:
+        if self.calculate_per_token_loss and self.aggregation in ("constant", "prompt_mean"):
+            raise ValueError(
+                f"calculate_per_token_loss: Megatron would renormalise pg_loss by the token count and erase "
+                f"the {self.aggregation} denominators (got true with aggregation={self.aggregation}); "
+                "set calculate_per_token_loss=false"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _custom_reducer_alone(self) -> Self:
+        if self.custom_pg_reducer is not None and self.aggregation != "sample_mean":
+            raise ValueError(
+                f"custom_pg_reducer: a custom pg reducer replaces the aggregation, so "
+                f"aggregation={self.aggregation} would be silently ignored (got {self.custom_pg_reducer!r}); "
+                "leave aggregation at sample_mean or drop custom_pg_reducer"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _custom_reducer_without_flag(self) -> Self:
+        if self.custom_pg_reducer is not None and self.calculate_per_token_loss:
+            raise ValueError(
+                "calculate_per_token_loss: would renormalise the custom pg reducer's weights by the token "
+                f"count (got true with custom_pg_reducer={self.custom_pg_reducer!r}); set it to false"
+            )
+        return self
+
+    @property
+    def clip_high(self) -> float:
+        """Upper clip range: eps_clip_high, or eps_clip when unset."""
+        return self.eps_clip if self.eps_clip_high is None else self.eps_clip_high

@@ -1,0 +1,136 @@
+"""StepBatch: the metadata of one optimizer step that every aggregation denominator comes from."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def _as_lengths(name: str, values: Sequence[int] | Tensor) -> Tensor:
+    lengths = torch.as_tensor(values)
+    if lengths.dim() != 1 or lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
+        raise ValueError(f"{name} must be a 1-D sequence of integers (got {values!r:.80})")
+    return lengths.to(torch.long)
+
+
+@dataclass(eq=False)
+class StepBatch:
+    """The samples of one optimizer step, as the loss aggregation needs them.
+
+    Args:
+        response_lengths: R_i, response tokens of each sample (>= 1).
+        total_lengths: T_i, prompt plus response tokens of each sample (> R_i: every sample has a prompt).
+        loss_masks: per sample a 1-D tensor of length R_i with values in {0, 1}, or one flat tensor
+            of length sum(R_i) (samples concatenated). These are the masks **before** rejection sampling
+            or truncation edits: every denominator (|o_i|, group totals, T) is counted from them.
+        group_index: prompt group of each sample (samples of one prompt share it); any hashable ints.
+            ``None`` is allowed unless aggregation is prompt_mean.
+
+    Raises:
+        ValueError: naming the argument and value for inconsistent lengths, masks or groups.
+    """
+
+    response_lengths: Sequence[int] | Tensor
+    total_lengths: Sequence[int] | Tensor
+    loss_masks: Sequence[Tensor] | Tensor
+    group_index: Sequence[int] | Tensor | None = None
+    _cache: dict[Any, Any] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.response_lengths_t = _as_lengths("response_lengths", self.response_lengths)
+        self.total_lengths_t = _as_lengths("total_lengths", self.total_lengths)
+        n = self.response_lengths_t.numel()
+        if self.total_lengths_t.numel() != n:
+            raise ValueError(
+                f"total_lengths has {self.total_lengths_t.numel()} entries but response_lengths has {n}; "
+                "give one of each per sample"
+            )
+        if n == 0:
+            raise ValueError("response_lengths is empty: a step needs at least one sample")
+        bad = torch.nonzero(self.response_lengths_t < 1)
+        if bad.numel():
+            i = int(bad[0])
+            raise ValueError(f"response_lengths[{i}] must be >= 1 (got {int(self.response_lengths_t[i])})")
+        bad = torch.nonzero(self.total_lengths_t <= self.response_lengths_t)
+        if bad.numel():
+            i = int(bad[0])
+            raise ValueError(
+                f"total_lengths[{i}] must exceed response_lengths[{i}]={int(self.response_lengths_t[i])} "
+                f"(every sample has at least one prompt token) (got {int(self.total_lengths_t[i])})"
+            )
+        self.mask_flat = self._flatten_masks()
+        self.response_offsets = torch.cumsum(self.response_lengths_t, 0) - self.response_lengths_t
+        self.group_ids, self.num_groups = self._dense_groups()
+
+    @property
+    def num_samples(self) -> int:
+        """N, the number of samples in the step."""
+        return self.response_lengths_t.numel()
+
+    @property
+    def num_response_tokens(self) -> int:
+        """sum_i R_i, the length of the step's flat per-token order (masked tokens included)."""
+        return self.mask_flat.numel()
+
+    def sample_of_token(self) -> Tensor:
+        """Sample index of every position of the flat per-token order (cached)."""
+        if "sample_of_token" not in self._cache:
+            self._cache["sample_of_token"] = torch.repeat_interleave(
+                torch.arange(self.num_samples), self.response_lengths_t, output_size=self.num_response_tokens
+            )
+        return self._cache["sample_of_token"]
+
+    def sample_tokens(self) -> Tensor:
+        """|o_i| = sum_t m[i, t] per sample, float64 (cached)."""
+        if "sample_tokens" not in self._cache:
+            tokens = torch.zeros(self.num_samples, dtype=torch.float64)
+            tokens.index_add_(0, self.sample_of_token(), self.mask_flat)
+            self._cache["sample_tokens"] = tokens
+        return self._cache["sample_tokens"]
+
+    def _flatten_masks(self) -> Tensor:
+        masks = self.loss_masks
+        if isinstance(masks, Tensor):
+            if masks.dim() != 1 or masks.numel() != int(self.response_lengths_t.sum()):
+                raise ValueError(
+                    f"loss_masks as one tensor must be 1-D of length sum(response_lengths)="
+                    f"{int(self.response_lengths_t.sum())} (got shape {tuple(masks.shape)})"
+                )
+            flat = masks
+        else:
+            if len(masks) != self.num_samples:
+                raise ValueError(
+                    f"loss_masks has {len(masks)} entries but there are {self.num_samples} samples; give one per sample"
+                )
+            mask_lengths = torch.tensor([m.numel() if m.dim() == 1 else -1 for m in masks], dtype=torch.long)
+            bad = torch.nonzero(mask_lengths != self.response_lengths_t)
+            if bad.numel():
+                i = int(bad[0])
+                raise ValueError(
+                    f"loss_masks[{i}] must be 1-D of length response_lengths[{i}]={int(self.response_lengths_t[i])} "
+                    f"(got shape {tuple(masks[i].shape)})"
+                )
+            flat = torch.cat([m.detach().reshape(-1).cpu() for m in masks])
+        flat = flat.detach().cpu().to(torch.float64)
+        bad = torch.nonzero((flat != 0) & (flat != 1))
+        if bad.numel():
+            pos = int(bad[0])
+            i = int(torch.searchsorted(torch.cumsum(self.response_lengths_t, 0), pos, right=True))
+            t = pos - int(torch.cumsum(self.response_lengths_t, 0)[i] - self.response_lengths_t[i])
+            raise ValueError(f"loss_masks[{i}][{t}] must be 0 or 1 (got {float(flat[pos])})")
+        return flat
+
+    def _dense_groups(self) -> tuple[Tensor | None, int]:
+        if self.group_index is None:
+            return None, 0
+        groups = _as_lengths("group_index", self.group_index)
+        if groups.numel() != self.num_samples:
+            raise ValueError(
+                f"group_index has {groups.numel()} entries but there are {self.num_samples} samples; give one per sample"
+            )
+        unique, dense = torch.unique(groups, return_inverse=True)
+        return dense, unique.numel()
