@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from rl_loss.config import LossConfig
+from rl_loss.config import LossConfig, import_callable
 from rl_loss.layout import check_cp_args, local_token_index
 from rl_loss.step import StepBatch
 
@@ -188,7 +188,7 @@ class ReducerFactory:
     def __init__(self, config: LossConfig | None = None, *, check_finite: bool = True):
         self.config = config if config is not None else LossConfig()
         self.check_finite = check_finite
-        self._custom = _import_token_weight_fn(self.config.custom_pg_reducer) if self.config.custom_pg_reducer else None
+        self._custom = import_callable(self.config.custom_pg_reducer) if self.config.custom_pg_reducer else None
 
     @property
     def aggregation(self) -> str:
@@ -262,7 +262,7 @@ class ReducerFactory:
         samples = _check_sample_indices(sample_indices, step.num_samples)
         if qkv_format == "bshd" and max_seq_len is not None:
             chosen = step.total_lengths_t if samples is None else step.total_lengths_t[samples]
-            longest = int(chosen.max())
+            longest = int(chosen.max()) if chosen.numel() else 0  # an empty micro-batch has no sample to fit
             if longest > max_seq_len:
                 raise ValueError(f"max_seq_len={max_seq_len} is shorter than a sample of total_length={longest}")
         if samples is None and cp_size == 1:
@@ -299,19 +299,6 @@ def _check_sample_indices(sample_indices: Sequence[int] | None, num_samples: int
             f"sample_indices repeats sample {int(values[counts > 1][0])}: each sample may be reduced once per step"
         )
     return samples
-
-
-def _import_token_weight_fn(path: str) -> TokenWeightFn:
-    import importlib
-
-    module_name, sep, attr = path.partition(":") if ":" in path else path.rpartition(".")
-    try:
-        fn = getattr(importlib.import_module(module_name), attr) if sep and module_name else None
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"custom_pg_reducer: cannot import {path!r} ({err}); use 'package.module:function'") from err
-    if not callable(fn):
-        raise ValueError(f"custom_pg_reducer: {path!r} is not a callable 'package.module:function'")
-    return fn
 
 
 def _custom_weights(fn: TokenWeightFn, step: StepBatch) -> Tensor:

@@ -8,8 +8,10 @@ from them through :func:`build_reducer_factory`. Rules that need other sections 
 
 from __future__ import annotations
 
+import importlib
 import math
 import warnings
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -29,6 +31,24 @@ class RelabelNotice(UserWarning):
 
 class DivisorBelowMaxLength(UserWarning):
     """Dr.GRPO's divisor is below the longest possible response: pg_loss can exceed token_mean's scale."""
+
+
+def import_callable(path: str) -> Callable[..., Any]:
+    """The callable at ``'package.module:function'`` (or ``'package.module.function'``).
+
+    Raises:
+        ValueError: naming custom_pg_reducer when the path does not import or is not callable.
+    """
+    module_name, sep, attr = path.partition(":") if ":" in path else path.rpartition(".")
+    if not (sep and module_name and attr):
+        raise ValueError(f"custom_pg_reducer: {path!r} is not an import path; use 'package.module:function'")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"custom_pg_reducer: cannot import {path!r} ({err}); use 'package.module:function'") from None
+    if not callable(fn):
+        raise ValueError(f"custom_pg_reducer: {path!r} is not callable (got {type(fn).__name__})")
+    return fn
 
 
 def _finite_positive(value: float | None) -> bool:
@@ -139,6 +159,12 @@ class LossConfig(BaseModel):
                 f"aggregation={self.aggregation} would be silently ignored (got {self.custom_pg_reducer!r}); "
                 "leave aggregation at sample_mean or drop custom_pg_reducer"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _custom_reducer_importable(self) -> Self:
+        if self.custom_pg_reducer is not None:
+            import_callable(self.custom_pg_reducer)  # fail at validation, not at the first step
         return self
 
     @model_validator(mode="after")

@@ -1,0 +1,28 @@
+"""Hydra's base config, generated from the pydantic models (the single source of truth).
+
+``conf/config.yaml`` starts its defaults list with ``base_config`` and every ``conf/loss/*.yaml`` with
+``base``: both are the models' defaults, registered here in Hydra's ConfigStore. So every field can
+be overridden from the command line (``loss.divisor=40960``), a misspelt key is caught by Hydra's
+struct mode, and the YAML files only hold values that differ from the defaults.
+"""
+
+from __future__ import annotations
+
+from hydra.core.config_store import ConfigStore
+
+from launchers.config import RunConfig
+from rl_loss.config import LossConfig
+
+_registered = False
+
+
+def register_configs() -> None:
+    """Store ``base_config`` (every section but loss) and ``loss/base`` in Hydra's ConfigStore (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    store = ConfigStore.instance()
+    run_defaults = RunConfig().model_dump(mode="json", exclude={"loss"})
+    store.store(name="base_config", node=run_defaults)
+    store.store(group="loss", name="base", node=LossConfig().model_dump(mode="json", by_alias=True))
+    _registered = True

@@ -1,0 +1,237 @@
+"""Compose and validate every job of a command line before any work starts.
+
+``python -m launchers.train`` calls :func:`preflight` before handing the command line to Hydra: each
+job of a multirun sweep is composed with Hydra's own compose API and validated against the pydantic
+models, and every problem is printed as one line naming the field, the value and the fix (exit code
+2, no traceback). ``dry_run=true`` stops here with a summary of each job.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf, open_dict
+from pydantic import BaseModel, ValidationError
+
+from launchers.conf_store import register_configs
+from launchers.config import RunConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONFIG_NAME = "config"
+EXIT_CONFIG_ERROR = 2
+
+
+class ConfigError(Exception):
+    """A configuration that must not run; ``problems`` holds one readable line per problem."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class Job:
+    """One composed and validated job of a command line."""
+
+    overrides: tuple[str, ...]
+    config: RunConfig
+    warnings: tuple[str, ...]
+
+
+def world_size_from_env() -> int:
+    """World size given by torchrun (1 when run as a plain process)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def validate_run(data: dict[str, Any], world_size: int = 1) -> tuple[RunConfig, list[str]]:
+    """Validate a plain config dict; returns the model and the warnings it raised.
+
+    Raises:
+        ConfigError: one line per problem.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            config = RunConfig.model_validate(data, context={"world_size": world_size})
+        except ValidationError as err:
+            raise ConfigError(format_validation_error(err)) from None
+    return config, [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+
+
+def format_validation_error(err: ValidationError) -> list[str]:
+    """One line per pydantic error: ``section.field: what is wrong (got value)``, with did-you-mean for typos."""
+    lines = []
+    for e in err.errors():
+        loc = [str(part) for part in e["loc"]]
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{'.'.join(loc)}: unknown key{_did_you_mean(loc)} (got {_show(e['input'])})")
+            continue
+        msg = e["msg"].removeprefix("Value error, ")
+        for line in msg.split("\n"):
+            field, sep, rest = line.partition(": ")
+            if e["type"] == "value_error" and sep and re.fullmatch(r"[a-z_][a-z0-9_.]*", field):
+                # Validator messages start with the field they blame, relative to their model.
+                path = field if field.split(".")[0] in RunConfig.model_fields else ".".join([*loc, field])
+                lines.append(f"{path}: {rest}")
+            else:
+                lines.append(f"{'.'.join(loc) or 'config'}: {line[0].lower() + line[1:]} (got {_show(e['input'])})")
+    return lines
+
+
+def _show(value: Any) -> str:
+    text = repr(value) if isinstance(value, str) else str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def field_names(loc: list[str]) -> list[str]:
+    """Field names (and aliases) of the model at ``loc`` in the RunConfig tree (empty if none)."""
+    model: type[BaseModel] = RunConfig
+    for part in loc:
+        field = model.model_fields.get(part)
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return [f.alias or name for name, f in model.model_fields.items()]
+
+
+def _did_you_mean(loc: list[str]) -> str:
+    close = difflib.get_close_matches(loc[-1], field_names(loc[:-1]), n=1, cutoff=0.6)
+    return f"; did you mean '{'.'.join([*loc[:-1], close[0]])}'?" if close else ""
+
+
+def _hydra_error_lines(err: Exception, override: str | None = None) -> list[str]:
+    text = str(err)
+    missing = re.search(r"Could not find '([^']+)/([^']+)'", text)
+    if missing:
+        group, option = missing.groups()
+        options = [o for o in re.findall(r"^\t(\S+)$", text, flags=re.M) if o != "base"]
+        close = difflib.get_close_matches(option, options, n=1)
+        hint = f"did you mean '{group}={close[0]}'? " if close else ""
+        return [f"{group}={option}: no such option; {hint}(available: {', '.join(options)})"]
+    not_struct = re.search(r"Could not override '([^']+)'", text)
+    if not_struct:
+        key = not_struct.group(1).split(".")
+        return [f"{'.'.join(key)}: unknown key{_did_you_mean(key)} (got {override or text.splitlines()[0]})"]
+    first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+    return [f"{override + ': ' if override else ''}{first}"]
+
+
+def compose_job(overrides: list[str], world_size: int = 1) -> Job:
+    """Compose ``conf/config.yaml`` with ``overrides`` through Hydra and validate the result.
+
+    Raises:
+        ConfigError: for composition errors (unknown group option or key, bad override syntax) and
+            every validation problem, one line each.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+            cfg = compose(CONFIG_NAME, overrides=list(overrides), return_hydra_config=True)
+    except Exception as err:  # Hydra raises several exception types; each becomes one line
+        raise ConfigError(_hydra_error_lines(err, _blamed_override(err, overrides))) from None
+    finally:
+        GlobalHydra.instance().clear()
+    with open_dict(cfg):
+        del cfg["hydra"]
+    try:
+        data = OmegaConf.to_container(cfg, resolve=True)
+    except Exception as err:
+        raise ConfigError([f"interpolation: {str(err).splitlines()[0]}"]) from None
+    config, warns = validate_run(data, world_size)
+    return Job(tuple(overrides), config, tuple(warns))
+
+
+def _blamed_override(err: Exception, overrides: list[str]) -> str | None:
+    text = str(err)
+    for override in overrides:
+        if override.split("=")[0].lstrip("+~") and f"'{override.split('=')[0].lstrip('+~')}'" in text:
+            return override
+    return None
+
+
+def expand_sweep(overrides: list[str]) -> list[list[str]]:
+    """The jobs of a multirun: Hydra's basic-sweeper expansion of ``a=1,2 b=x,y`` into their product."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+def summary(job: Job) -> str:
+    """One line: mode, divisor, steps per rollout and micro-batches per step."""
+    cfg = job.config
+    world = world_size_from_env()
+    dp_size = max(world // cfg.parallel.cp_size, 1)
+    micro = cfg.trainer.global_batch_size // (cfg.trainer.micro_batch_size * dp_size)
+    divisor = f"{cfg.loss.divisor:g}" if cfg.loss.divisor is not None else "-"
+    return (
+        f"aggregation={cfg.loss.aggregation} divisor={divisor} advantages={cfg.loss.advantage_estimator} "
+        f"steps_per_rollout={cfg.steps_per_rollout} micro_batches_per_step={micro} (per DP rank, DP={dp_size}, "
+        f"CP={cfg.parallel.cp_size}, {cfg.parallel.qkv_format}) max_steps={cfg.trainer.max_steps}"
+    )
+
+
+def split_argv(argv: list[str]) -> tuple[bool, list[str], list[str]]:
+    """(multirun, overrides, hydra flags) of a command line."""
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    flags = [a for a in argv if a.startswith("-") and a not in ("-m", "--multirun")]
+    overrides = [a for a in argv if not a.startswith("-")]
+    return multirun, overrides, flags
+
+
+def preflight(argv: list[str], out=None, err=None) -> list[Job] | None:
+    """Validate every job of ``argv``; on a problem print it and exit 2. Exit 0 after a dry run.
+
+    Returns:
+        The validated jobs, or ``None`` when the command line has Hydra flags this pre-pass leaves
+        to Hydra (``--cfg``, ``--info``, ...).
+    """
+    out, err = out or sys.stdout, err or sys.stderr
+    multirun, overrides, flags = split_argv(argv)
+    if flags:
+        return None
+    try:
+        job_overrides = expand_sweep(overrides) if multirun else [overrides]
+    except Exception as e:
+        _fail([f"command line: {str(e).splitlines()[0]}"], err)
+    jobs, failures = [], []
+    world = world_size_from_env()
+    for n, ov in enumerate(job_overrides):
+        try:
+            jobs.append(compose_job(ov, world))
+        except ConfigError as e:
+            label = f"job {n} ({' '.join(ov) or 'no overrides'}): " if multirun else ""
+            failures.extend(label + p for p in e.problems)
+    if failures:
+        _fail(failures, err, multirun and len(job_overrides) > 1)
+    for job in jobs:
+        for w in job.warnings:
+            print(f"warning: {w}", file=err)
+    if any(job.config.dry_run for job in jobs):
+        for n, job in enumerate(jobs):
+            label = f"job {n} ({' '.join(job.overrides) or 'no overrides'}): " if multirun else ""
+            print(f"{label}{summary(job)}", file=out)
+        print(f"dry run: {len(jobs)} job(s) valid, nothing started", file=out)
+        raise SystemExit(0)
+    return jobs
+
+
+def _fail(problems: list[str], err, sweep: bool = False) -> None:
+    head = "Invalid sweep, no job was started" if sweep else "Invalid configuration"
+    print(f"{head} ({len(problems)} problem{'s' if len(problems) != 1 else ''}):", file=err)
+    for p in problems:
+        print(f"  {p}", file=err)
+    raise SystemExit(EXIT_CONFIG_ERROR)

@@ -1,0 +1,136 @@
+"""What a run writes: metrics.jsonl, TensorBoard events, atomic checkpoints, and the progress display."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger("launchers.train")
+
+CHECKPOINT_DIR = "checkpoints"
+_CHECKPOINT_RE = re.compile(r"step_(\d+)\.pt$")
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
+
+    A crash or Ctrl-C mid-write leaves the previous checkpoint intact: the rename is atomic on POSIX.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    """Where the checkpoint after optimizer step ``step`` lives."""
+    return Path(run_dir) / CHECKPOINT_DIR / f"step_{step:06d}.pt"
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint with the highest step in ``run_dir``, or None."""
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    found = [(int(m.group(1)), p) for p in folder.glob("step_*.pt") if (m := _CHECKPOINT_RE.search(p.name))]
+    return max(found)[1] if found else None
+
+
+def rng_state() -> dict[str, Any]:
+    """Every global RNG state a run draws from (Python, torch CPU, CUDA when present)."""
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` captured."""
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class MetricsWriter:
+    """Appends one JSON object per optimizer step to ``metrics.jsonl`` and mirrors it to TensorBoard."""
+
+    def __init__(self, run_dir: Path, resume_after_step: int | None = None):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        if resume_after_step is not None and self.path.exists():
+            # Drop steps logged after the checkpoint: the resumed run writes them again, identically.
+            kept = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_after_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        elif resume_after_step is None and self.path.exists():
+            self.path.unlink()
+        self._file = self.path.open("a")
+        self._tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"), purge_step=resume_after_step)
+        except ImportError:  # tensorboard is a dependency; a stripped install still gets metrics.jsonl
+            log.warning("tensorboard is not installed: no event files are written")
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Log one step's record."""
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self._tb.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        """Flush and close both outputs."""
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+class Progress:
+    """A tqdm bar on a terminal, plain log lines otherwise (``progress=auto``)."""
+
+    def __init__(self, total: int, initial: int, mode: str, enabled: bool = True):
+        self.enabled = enabled
+        use_bar = mode == "bar" or (mode == "auto" and sys.stderr.isatty())
+        self._bar = None
+        if enabled and use_bar:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+        self._every = max(total // 20, 1)
+
+    def update(self, record: dict[str, Any]) -> None:
+        """Show the step's reward, length and loss."""
+        if not self.enabled:
+            return
+        short = {
+            "reward": f"{record['reward_mean']:.3f}",
+            "len": f"{record['response_length_mean']:.1f}",
+            "loss": f"{record['pg_loss']:+.4f}",
+        }
+        if self._bar is not None:
+            self._bar.set_postfix(short, refresh=False)
+            self._bar.update(1)
+        elif record["step"] % self._every == 0 or record["step"] == 1:
+            log.info("step %d  %s", record["step"], "  ".join(f"{k}={v}" for k, v in short.items()))
+
+    def close(self) -> None:
+        """Close the bar."""
+        if self._bar is not None:
+            self._bar.close()
