@@ -27,7 +27,8 @@ def hydra_job(cfg: DictConfig) -> float | None:
         raise SystemExit(2) from None
     from launchers.trainer import train
 
-    return train(config, HydraConfig.get().runtime.output_dir, resolved=OmegaConf.to_container(cfg, resolve=True))
+    factory = hydra.utils.instantiate(cfg.loss)  # the loss group's _target_: rl_loss.build_reducer_factory
+    return train(config, HydraConfig.get().runtime.output_dir, factory=factory)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -39,7 +39,8 @@ def _prompt_mean_scale(step: StepBatch, divisor: float | None) -> Tensor:
     """
     if step.group_ids is None:
         raise ValueError(
-            "group_index is required with aggregation=prompt_mean: pass the prompt group of every sample to StepBatch"
+            "group_index is required with aggregation=prompt_mean: pass the prompt group of every sample to "
+            "StepBatch (got group_index=None)"
         )
     group_tokens = torch.zeros(step.num_groups, dtype=torch.float64)
     group_tokens.index_add_(0, step.group_ids, step.sample_tokens())
@@ -129,6 +130,15 @@ class TokenReducer:
     def num_local_tokens(self) -> int:
         """How many local values the reducer expects (the rank's response tokens of its samples)."""
         return self._weights64.numel()
+
+    @property
+    def token_index(self) -> Tensor:
+        """Positions of the local values in the step's flat response-token order (int64).
+
+        ``per_token_step_tensor[reducer.token_index]`` gives this rank's local values of any per-token
+        quantity laid out in step order (old log-probs, advantages), ready for the reducer.
+        """
+        return self._index
 
     def weights(self, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu") -> Tensor:
         """The local token weights, cast to ``dtype`` on ``device`` (cached)."""

@@ -20,7 +20,7 @@ def all_group_combinations() -> list[list[str]]:
     groups = {g: opts for g, opts in group_options().items() if not g.startswith("hydra/")}
     assert "loss" in groups and groups["loss"], "Hydra lists no loss presets"
     keys = sorted(groups)
-    return [[f"{k}={v}" for k, v in zip(keys, combo)] for combo in itertools.product(*(groups[k] for k in keys))]
+    return [[f"{k}={v}" for k, v in zip(keys, combo, strict=True)] for combo in itertools.product(*(groups[k] for k in keys))]
 
 
 def test_hydra_lists_the_four_loss_presets():

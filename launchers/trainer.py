@@ -1,0 +1,322 @@
+"""The GRPO-family training loop of ``python -m launchers.train`` on the embedded digit-sum task.
+
+Per rollout: sample ``n_samples_per_prompt`` responses to each prompt, score them, compute group
+advantages over the whole rollout and the old (and reference) log-probs. Per optimizer step: the
+step's samples form one :class:`~rl_loss.StepBatch`; each DP rank trains on its share in
+micro-batches, each CP rank on its chunks of every sequence; every micro-batch's loss is its partial
+of the step objective (rl_loss's reducers), so gradients are summed over micro-batches and ranks.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from launchers import distributed
+from launchers.config import RunConfig
+from launchers.run_io import (
+    MetricsWriter,
+    Progress,
+    checkpoint_path,
+    latest_checkpoint,
+    rng_state,
+    save_atomic,
+    set_rng_state,
+)
+from launchers.toy import DigitSumTask, ToyPolicy, all_gather_kv, generate, local_logprobs
+from launchers.toy.model import ModelConfig as ToyModelConfig
+from rl_loss import ReducerFactory, StepBatch, group_advantages, policy_loss
+
+log = logging.getLogger("launchers.train")
+
+METRIC_KEYS = ("pg_loss", "pg_clipfrac", "ppo_kl", "entropy", "kl_loss")
+KEEP_CHECKPOINTS = 3
+
+
+@dataclass
+class PreparedRollout:
+    """One rollout, scored and ready to train on; every tensor is in rollout sample order."""
+
+    sequences: list[list[int]]
+    response_lengths: list[int]
+    total_lengths: list[int]
+    group_index: list[int]
+    rewards: Tensor
+    advantages: Tensor
+    old_logprobs: list[Tensor]
+    ref_logprobs: list[Tensor] | None
+
+
+class _StopRequest:
+    """Turns the first Ctrl-C into a request honoured after the current optimizer step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = signal.getsignal(signal.SIGINT)
+        signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:  # a second Ctrl-C stops at once
+            signal.signal(signal.SIGINT, self._previous)
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("Ctrl-C: finishing this step, writing a checkpoint, then stopping (again to abort)")
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGINT, self._previous)
+
+
+def resolve_device(requested: str) -> torch.device:
+    """``auto`` means CUDA when available."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def train(config: RunConfig, run_dir: str | Path, factory: ReducerFactory | None = None) -> float:
+    """Train as ``config`` says in ``run_dir``; returns the final reward mean (for sweepers).
+
+    Args:
+        config: the validated run configuration.
+        run_dir: Hydra's output folder (metrics, TensorBoard, checkpoints).
+        factory: the reducer factory (Hydra instantiates it from ``cfg.loss``); built from
+            ``config.loss`` when omitted.
+    """
+    device = resolve_device(config.device)
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    ctx = distributed.setup(config.parallel.cp_size, config.parallel.backend, device)
+    try:
+        trainer = Trainer(config, Path(run_dir), ctx, device, factory or ReducerFactory(config.loss))
+        return trainer.run()
+    finally:
+        distributed.teardown(ctx)
+
+
+class Trainer:
+    """State and loop of one run (one process of a DP x CP world)."""
+
+    def __init__(self, config: RunConfig, run_dir: Path, ctx: distributed.ParallelContext, device: torch.device,
+                 factory: ReducerFactory):
+        self.config, self.run_dir, self.ctx, self.device, self.factory = config, run_dir, ctx, device, factory
+        torch.manual_seed(config.seed)
+        self.task = DigitSumTask(max_response_len=config.rollout.max_response_len)
+        self.policy = ToyPolicy(
+            ToyModelConfig(
+                vocab_size=self.task.vocab_size,
+                num_actions=self.task.num_actions,
+                pad_id=self.task.pad_id,
+                max_positions=self.task.max_total_len,
+                d_model=config.model.d_model,
+                n_layers=config.model.n_layers,
+                n_heads=config.model.n_heads,
+            )
+        ).to(device)
+        self.reference = copy.deepcopy(self.policy).requires_grad_(False) if config.loss.kl_coef > 0 else None
+        self.optimizer = torch.optim.AdamW(
+            self.policy.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay
+        )
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.kv_exchange = all_gather_kv(ctx.cp_group) if ctx.cp_size > 1 else None
+        self.max_seq_len = self.task.max_total_len if config.parallel.qkv_format == "bshd" else None
+        self.step = 0
+        self.rollout: PreparedRollout | None = None
+
+    # -- rollouts ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _token_logprobs(self, model: ToyPolicy, sequences: list[list[int]], response_lengths: list[int]) -> list[Tensor]:
+        """Per-sample log-probs of the response tokens under ``model`` (full sequences, no CP)."""
+        flat, _ = local_logprobs(model, sequences, response_lengths, temperature=self.config.rollout.temperature)
+        return list(torch.split(flat.double().cpu(), response_lengths))
+
+    def _prepare_rollout(self) -> PreparedRollout:
+        cfg = self.config
+        prompts = self.task.sample_prompts(cfg.rollout.prompts_per_rollout, self.generator)
+        rollout = generate(
+            self.policy, prompts, cfg.rollout.n_samples_per_prompt, cfg.rollout.max_response_len, self.generator,
+            temperature=cfg.rollout.temperature, eos_id=self.task.eos_id,
+        )
+        rewards = torch.tensor(
+            [self.task.reward(p, r) for p, r in zip(rollout.prompts, rollout.responses, strict=True)], dtype=torch.float64
+        )
+        advantages = group_advantages(rewards, rollout.group_index, cfg.loss.advantage_estimator, cfg.loss.advantage_eps)
+        sequences, lengths = rollout.sequences, rollout.response_lengths
+        return PreparedRollout(
+            sequences=sequences,
+            response_lengths=lengths,
+            total_lengths=rollout.total_lengths,
+            group_index=rollout.group_index,
+            rewards=rewards,
+            advantages=advantages,
+            old_logprobs=self._token_logprobs(self.policy, sequences, lengths),
+            ref_logprobs=self._token_logprobs(self.reference, sequences, lengths) if self.reference else None,
+        )
+
+    # -- one optimizer step -----------------------------------------------------------------
+
+    def _train_step(self, samples: range) -> dict[str, Any]:
+        cfg, ctx, ro = self.config, self.ctx, self.rollout
+        started = time.perf_counter()
+        lengths = [ro.response_lengths[i] for i in samples]
+        step_batch = StepBatch(
+            response_lengths=lengths,
+            total_lengths=[ro.total_lengths[i] for i in samples],
+            loss_masks=[torch.ones(n, dtype=torch.float64) for n in lengths],
+            group_index=[ro.group_index[i] for i in samples],
+        )
+        old = torch.cat([ro.old_logprobs[i] for i in samples])
+        ref = torch.cat([ro.ref_logprobs[i] for i in samples]) if ro.ref_logprobs is not None else None
+        advantages = torch.repeat_interleave(ro.advantages[list(samples)], torch.tensor(lengths))
+
+        per_rank = len(samples) // ctx.dp_size
+        mbs = cfg.trainer.micro_batch_size
+        partials = torch.zeros(len(METRIC_KEYS), dtype=torch.float64)
+        for start in range(ctx.dp_rank * per_rank, (ctx.dp_rank + 1) * per_rank, mbs):
+            micro = list(range(start, start + mbs))  # indices within the step
+            layout = dict(cp_rank=ctx.cp_rank, cp_size=ctx.cp_size, qkv_format=cfg.parallel.qkv_format,
+                          max_seq_len=self.max_seq_len)
+            pg_reducer = self.factory.pg_reducer(step_batch, micro, **layout)
+            metric_reducer = self.factory.metric_reducer(step_batch, micro, **layout)
+            logprobs, entropy = local_logprobs(
+                self.policy, [ro.sequences[samples[i]] for i in micro], [lengths[i] for i in micro],
+                kv_exchange=self.kv_exchange, temperature=cfg.rollout.temperature, **layout,
+            )
+            index = pg_reducer.token_index
+            loss, metrics = policy_loss(
+                logprobs.double(), old[index], advantages[index], pg_reducer, metric_reducer, cfg.loss,
+                ref_logprobs=ref[index] if ref is not None else None, entropy=entropy.double(),
+            )
+            loss.backward()
+            partials += torch.stack([metrics.get(k, torch.zeros((), dtype=torch.float64)) for k in METRIC_KEYS])
+
+        stop = torch.tensor([float(self.stop.requested)], dtype=torch.float64)
+        reduced = ctx.all_reduce_sum(torch.cat([partials, stop]))
+        self._all_reduce_grads()
+        grad_norm = self._clip_and_step()
+        elapsed = time.perf_counter() - started
+        tokens = sum(lengths)
+        record = {
+            "step": self.step,
+            "rollout": (self.step - 1) // cfg.steps_per_rollout,
+            "aggregation": self.factory.aggregation,
+            "reward_mean": float(ro.rewards[list(samples)].mean()),
+            "response_length_mean": tokens / len(lengths),
+            **{k: float(v) for k, v in zip(METRIC_KEYS, reduced[: len(METRIC_KEYS)], strict=True)},
+            "grad_norm": grad_norm,
+            **self.factory.step_metrics(step_batch),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "step_seconds": elapsed,
+            "train_tokens_per_second": tokens / elapsed,
+        }
+        if ro.ref_logprobs is None:
+            record.pop("kl_loss")
+        self._stop_everywhere = bool(reduced[-1] > 0)
+        return record
+
+    def _all_reduce_grads(self) -> None:
+        if not self.ctx.distributed:
+            return
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        self.ctx.all_reduce_sum(flat)  # partials of one objective: their gradients add up
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad = flat[offset : offset + n].view_as(p).clone()
+            offset += n
+
+    def _clip_and_step(self) -> float:
+        params = [p for p in self.policy.parameters() if p.grad is not None]
+        max_norm = self.config.optim.grad_clip if self.config.optim.grad_clip is not None else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return grad_norm
+
+    # -- checkpoints ------------------------------------------------------------------------
+
+    def _save(self) -> Path:
+        path = checkpoint_path(self.run_dir, self.step)
+        if self.ctx.is_main:
+            state = {
+                "step": self.step,
+                "policy": self.policy.state_dict(),
+                "reference": self.reference.state_dict() if self.reference is not None else None,
+                "optimizer": self.optimizer.state_dict(),
+                "generator": self.generator.get_state(),
+                "rng": rng_state(),
+                "rollout": self.rollout if self.step % self.config.steps_per_rollout else None,
+            }
+            save_atomic(state, path)
+            old = sorted(path.parent.glob("step_*.pt"))[:-KEEP_CHECKPOINTS]
+            for stale in old:
+                stale.unlink(missing_ok=True)
+        if self.ctx.distributed:
+            torch.distributed.barrier(group=self.ctx.world_group)
+        return path
+
+    def _load(self, path: Path) -> None:
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        self.step = state["step"]
+        self.policy.load_state_dict(state["policy"])
+        if self.reference is not None and state["reference"] is not None:
+            self.reference.load_state_dict(state["reference"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        set_rng_state(state["rng"])
+        self.rollout = state["rollout"]
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def run(self) -> float:
+        cfg, ctx = self.config, self.ctx
+        resume_from = latest_checkpoint(self.run_dir) if cfg.resume else None
+        if cfg.resume and resume_from is None:
+            log.warning("resume=true but %s holds no checkpoint: starting from step 0", self.run_dir)
+        if resume_from is not None:
+            self._load(resume_from)
+            log.info("resumed from %s (step %d)", resume_from, self.step)
+        writer = MetricsWriter(self.run_dir, self.step if resume_from else None) if ctx.is_main else None
+        progress = Progress(cfg.trainer.max_steps, self.step, cfg.progress, enabled=ctx.is_main)
+        if ctx.is_main:
+            log.info("task: %s", self.task.describe())
+            log.info("aggregation=%s world=%d (DP %d x CP %d, %s) run folder: %s", self.factory.aggregation,
+                     ctx.world_size, ctx.dp_size, ctx.cp_size, cfg.parallel.qkv_format, self.run_dir)
+        self.stop = _StopRequest()
+        self._stop_everywhere = False
+        reward = float("nan")
+        try:
+            while self.step < cfg.trainer.max_steps:
+                within = self.step % cfg.steps_per_rollout
+                if within == 0:
+                    self.rollout = self._prepare_rollout()
+                gbs = cfg.trainer.global_batch_size
+                record = self._train_step(range(within * gbs, (within + 1) * gbs))
+                reward = record["reward_mean"]
+                if writer is not None:
+                    writer.write(record)
+                progress.update(record)
+                if self.step % cfg.trainer.save_every == 0 or self.step == cfg.trainer.max_steps:
+                    self._save()
+                if self._stop_everywhere:
+                    path = self._save()
+                    if ctx.is_main:
+                        log.warning("stopped at step %d; checkpoint %s. Continue with: resume=true hydra.run.dir=%s",
+                                    self.step, path, self.run_dir)
+                    raise SystemExit(130)
+        finally:
+            self.stop.restore()
+            progress.close()
+            if writer is not None:
+                writer.close()
+        return reward
