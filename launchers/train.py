@@ -7,7 +7,10 @@ starts any job; each job then validates its composed config again with the real 
 
 from __future__ import annotations
 
+import os
 import sys
+from datetime import datetime
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -31,6 +34,25 @@ def hydra_job(cfg: DictConfig) -> float | None:
     return train(config, HydraConfig.get().runtime.output_dir, factory=factory)
 
 
+def torchrun_run_dir() -> str:
+    """A run folder every rank of one torchrun launch agrees on, without communicating.
+
+    torchrun's run id when it has one (``--rdzv-id``, ``--standalone``), otherwise the start time of
+    the torchrun agent, the parent of every local rank. Multi-node runs should pass hydra.run.dir.
+    """
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    if run_id not in ("", "none"):
+        return f"outputs/torchrun/{run_id}"
+    ppid = os.getppid()
+    try:
+        ticks = int(Path(f"/proc/{ppid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(int(ln.split()[1]) for ln in Path("/proc/stat").read_text().splitlines() if ln.startswith("btime"))
+        started = datetime.fromtimestamp(boot + ticks / os.sysconf("SC_CLK_TCK"))
+        return f"outputs/torchrun/{started:%Y-%m-%d/%H-%M-%S}-{ppid}"
+    except (OSError, ValueError, IndexError, StopIteration):
+        return f"outputs/torchrun/agent-{ppid}"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Validate the command line, then hand it to Hydra."""
     argv = sys.argv[1:] if argv is None else argv
@@ -44,6 +66,9 @@ def main(argv: list[str] | None = None) -> None:
     from launchers.preflight import preflight
 
     preflight(argv)
+    if world_size_from_env() > 1 and not any(a.startswith("hydra.run.dir=") for a in argv):
+        # Hydra stamps each process's folder with its own clock; ranks must share one run folder.
+        argv = [*argv, f"hydra.run.dir={torchrun_run_dir()}"]
     sys.argv = [sys.argv[0], *argv]
     hydra_job()
 
