@@ -17,6 +17,7 @@ same seed and identical weights (the all-reduce leaves every replica bit-identic
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from dataclasses import dataclass
@@ -72,6 +73,7 @@ def setup(cp_size: int, backend: str, device: torch.device) -> ParallelContext:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
         dist.init_process_group(backend=backend_for(backend, device))
+    logging.getLogger("megatron").setLevel(logging.WARNING)  # its import logs its fallbacks at INFO
     with warnings.catch_warnings():
         # megatron-core announces its fallbacks when Transformer Engine / Apex are absent
         warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")

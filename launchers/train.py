@@ -69,6 +69,9 @@ def main(argv: list[str] | None = None) -> None:
     if world_size_from_env() > 1 and not any(a.startswith("hydra.run.dir=") for a in argv):
         # Hydra stamps each process's folder with its own clock; ranks must share one run folder.
         argv = [*argv, f"hydra.run.dir={torchrun_run_dir()}"]
+    if int(os.environ.get("RANK", "0")) > 0:
+        # rank 0 alone writes the run folder's .hydra/ record and log file
+        argv = [*argv, "hydra.output_subdir=null", "hydra/job_logging=disabled"]
     sys.argv = [sys.argv[0], *argv]
     hydra_job()
 
