@@ -35,7 +35,8 @@ def check_cp_args(cp_rank: int, cp_size: int, qkv_format: str, max_seq_len: int 
     if qkv_format == "bshd" and cp_size > 1 and max_seq_len is None:
         raise ValueError(
             "max_seq_len is required for qkv_format='bshd' with cp_size > 1: bshd chunks are cut from "
-            "the padded micro-batch width, not from each sample's length (pass the padded width)"
+            "the padded micro-batch width, not from each sample's length (pass the padded width) "
+            f"(got max_seq_len=None with cp_size={cp_size})"
         )
     if qkv_format == "thd" and max_seq_len is not None:
         raise ValueError(
