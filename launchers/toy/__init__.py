@@ -1,0 +1,30 @@
+"""Embedded toy RL environment for the launcher: a verifiable digit-sum task, a tiny causal
+transformer policy with context-parallel attention, and batched sampled rollouts.
+
+Everything here is plain PyTorch and needs no download, so ``python -m launchers.train`` runs on a
+2-core CPU in minutes.
+"""
+
+from launchers.toy.model import (
+    ModelConfig,
+    ToyPolicy,
+    all_gather_kv,
+    cp_batch,
+    local_logprobs,
+    run_simulated_cp,
+)
+from launchers.toy.rollout import Rollout, generate, sample_rollout
+from launchers.toy.task import DigitSumTask
+
+__all__ = [
+    "DigitSumTask",
+    "ModelConfig",
+    "Rollout",
+    "ToyPolicy",
+    "all_gather_kv",
+    "cp_batch",
+    "generate",
+    "local_logprobs",
+    "run_simulated_cp",
+    "sample_rollout",
+]
