@@ -177,8 +177,9 @@ def summary(job: Job) -> str:
     dp_size = max(world // cfg.parallel.cp_size, 1)
     micro = cfg.trainer.global_batch_size // (cfg.trainer.micro_batch_size * dp_size)
     divisor = f"{cfg.loss.divisor:g}" if cfg.loss.divisor is not None else "-"
+    mode = f"custom({cfg.loss.custom_pg_reducer})" if cfg.loss.custom_pg_reducer else cfg.loss.aggregation
     return (
-        f"aggregation={cfg.loss.aggregation} divisor={divisor} advantages={cfg.loss.advantage_estimator} "
+        f"aggregation={mode} divisor={divisor} advantages={cfg.loss.advantage_estimator} "
         f"steps_per_rollout={cfg.steps_per_rollout} micro_batches_per_step={micro} (per DP rank, DP={dp_size}, "
         f"CP={cfg.parallel.cp_size}, {cfg.parallel.qkv_format}) max_steps={cfg.trainer.max_steps}"
     )
