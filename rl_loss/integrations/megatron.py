@@ -171,18 +171,8 @@ def megatron_loss_func(
         ValueError: for invalid sizes, CP arguments or sample indices (here), or local values of the
             wrong length (when ``loss_func`` is called).
     """
-    contract = _MegatronContract(
-        factory,
-        step,
-        sample_indices,
-        cp_rank,
-        cp_size,
-        qkv_format,
-        max_seq_len,
-        num_microbatches,
-        dp_cp_size,
-        megatron_config,
-    )
+    contract = _MegatronContract(factory, step, sample_indices, cp_rank, cp_size, qkv_format, max_seq_len,
+                                 num_microbatches, dp_cp_size, megatron_config)
 
     def loss_func(output_tensor: Tensor) -> MegatronLossReturn:
         values = output_tensor if values_from_output is None else values_from_output(output_tensor)
@@ -229,18 +219,8 @@ def megatron_policy_loss_func(
         ``loss_func(output_tensor) -> (loss, num_tokens, report)``; the report holds ``pg_loss``,
         ``pg_clipfrac``, ``ppo_kl`` (and ``kl_loss``, ``entropy`` when given) as ``[partial * k, 1]``.
     """
-    contract = _MegatronContract(
-        factory,
-        step,
-        sample_indices,
-        cp_rank,
-        cp_size,
-        qkv_format,
-        max_seq_len,
-        num_microbatches,
-        dp_cp_size,
-        megatron_config,
-    )
+    contract = _MegatronContract(factory, step, sample_indices, cp_rank, cp_size, qkv_format, max_seq_len,
+                                 num_microbatches, dp_cp_size, megatron_config)
     metric_reducer = factory.metric_reducer(step, sample_indices, cp_rank, cp_size, qkv_format, max_seq_len)
 
     def loss_func(output_tensor: Tensor) -> MegatronLossReturn:
