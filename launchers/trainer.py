@@ -106,22 +106,18 @@ class Trainer:
     def __init__(self, config: RunConfig, run_dir: Path, ctx: distributed.ParallelContext, device: torch.device,
                  factory: ReducerFactory):
         self.config, self.run_dir, self.ctx, self.device, self.factory = config, run_dir, ctx, device, factory
+        torch.set_num_threads(config.torch_threads)
         torch.manual_seed(config.seed)
-        self.task = DigitSumTask(max_response_len=config.rollout.max_response_len)
-        self.policy = ToyPolicy(
-            ToyModelConfig(
-                vocab_size=self.task.vocab_size,
-                num_actions=self.task.num_actions,
-                pad_id=self.task.pad_id,
-                max_positions=self.task.max_total_len,
-                d_model=config.model.d_model,
-                n_layers=config.model.n_layers,
-                n_heads=config.model.n_heads,
-            )
-        ).to(device)
+        self.task = DigitSumTask(
+            max_response_len=config.rollout.max_response_len,
+            target_min=config.task.target_min,
+            target_max=config.task.target_max,
+        )
+        sizes = config.model.model_dump()
+        self.policy = ToyPolicy(ToyModelConfig.for_task(self.task, **sizes)).to(device)
         self.reference = copy.deepcopy(self.policy).requires_grad_(False) if config.loss.kl_coef > 0 else None
         self.optimizer = torch.optim.AdamW(
-            self.policy.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay
+            self.policy.parameters(), lr=config.optim.lr, betas=config.optim.betas, weight_decay=config.optim.weight_decay
         )
         self.generator = torch.Generator().manual_seed(config.seed)
         self.kv_exchange = all_gather_kv(ctx.cp_group) if ctx.cp_size > 1 else None

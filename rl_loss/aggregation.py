@@ -49,13 +49,13 @@ def _prompt_mean_scale(step: StepBatch, divisor: float | None) -> Tensor:
 
 def _token_mean_scale(step: StepBatch, divisor: float | None) -> Tensor:
     """token_mean (DAPO as implemented): J = sum_i sum_t m*l / max(T, 1)  ->  c_i = 1 / max(T, 1)."""
-    total = step.sample_tokens().sum().clamp_min(1)
+    total = step.mask_flat.sum().clamp_min(1)
     return (1.0 / total).expand(step.num_samples)
 
 
 def _constant_scale(step: StepBatch, divisor: float | None) -> Tensor:
     """constant (Dr.GRPO): J = sum_i sum_t m*l / (N * L)  ->  c_i = 1 / (N * L), L = the configured divisor."""
-    return torch.full((step.num_samples,), 1.0 / (step.num_samples * float(divisor)), dtype=torch.float64)
+    return torch.tensor(1.0 / (step.num_samples * float(divisor)), dtype=torch.float64).expand(step.num_samples)
 
 
 SAMPLE_SCALES: dict[str, Callable[[StepBatch, float | None], Tensor]] = {
@@ -96,7 +96,12 @@ class StepWeights:
 def build_step_weights(step: StepBatch, aggregation: str, divisor: float | None = None) -> StepWeights:
     """Per-token weights of ``step`` for a built-in aggregation mode (vectorized, no per-sample loop)."""
     scale = SAMPLE_SCALES[aggregation](step, divisor)
-    return _finish_weights(step, step.mask_flat * scale[step.sample_of_token()])
+    if scale.numel() and scale.stride(0) == 0:  # one scale for every sample (token_mean, constant)
+        weights = step.mask_flat * scale[0]
+    else:
+        weights = torch.repeat_interleave(scale, step.response_lengths_t, output_size=step.num_response_tokens)
+        weights.mul_(step.mask_flat)
+    return _finish_weights(step, weights)
 
 
 def _finish_weights(step: StepBatch, weights: Tensor) -> StepWeights:
@@ -275,21 +280,32 @@ class ReducerFactory:
             longest = int(chosen.max()) if chosen.numel() else 0  # an empty micro-batch has no sample to fit
             if longest > max_seq_len:
                 raise ValueError(f"max_seq_len={max_seq_len} is shorter than a sample of total_length={longest}")
-        if samples is None and cp_size == 1:
-            index = torch.arange(step.num_response_tokens)
-        else:
-            pick = (lambda t: t) if samples is None else (lambda t: t[samples])
-            index = local_token_index(
-                pick(step.total_lengths_t),
-                pick(step.response_lengths_t),
-                pick(step.response_offsets),
-                cp_rank,
-                cp_size,
-                qkv_format,
-                max_seq_len,
-            )
-        local = weights.weights if samples is None and cp_size == 1 else weights.weights[index]
-        return TokenReducer(local, index, step, self.check_finite)
+        if cp_size == 1 and (samples is None or _is_run(samples)):
+            # the whole step, or consecutive samples without CP: the local weights are one slice (a view)
+            if samples is None:
+                start, end = 0, step.num_response_tokens
+            elif not samples.numel():
+                start, end = 0, 0
+            else:
+                start = int(step.response_offsets[samples[0]])
+                end = int(step.response_offsets[samples[-1]] + step.response_lengths_t[samples[-1]])
+            return TokenReducer(weights.weights[start:end], torch.arange(start, end), step, self.check_finite)
+        pick = (lambda t: t) if samples is None else (lambda t: t[samples])
+        index = local_token_index(
+            pick(step.total_lengths_t),
+            pick(step.response_lengths_t),
+            pick(step.response_offsets),
+            cp_rank,
+            cp_size,
+            qkv_format,
+            max_seq_len,
+        )
+        return TokenReducer(weights.weights.index_select(0, index), index, step, self.check_finite)
+
+
+def _is_run(samples: Tensor) -> bool:
+    """Are the sample numbers consecutive and ascending (a micro-batch cut from the step in order)?"""
+    return samples.numel() < 2 or bool((samples[1:] - samples[:-1] == 1).all())
 
 
 def _check_sample_indices(sample_indices: Sequence[int] | None, num_samples: int) -> Tensor | None:

@@ -79,17 +79,19 @@ class StepBatch:
     def sample_of_token(self) -> Tensor:
         """Sample index of every position of the flat per-token order (cached)."""
         if "sample_of_token" not in self._cache:
+            # repeat_interleave(repeats) numbers the samples directly (no gather from an arange)
             self._cache["sample_of_token"] = torch.repeat_interleave(
-                torch.arange(self.num_samples), self.response_lengths_t, output_size=self.num_response_tokens
+                self.response_lengths_t, output_size=self.num_response_tokens
             )
         return self._cache["sample_of_token"]
 
     def sample_tokens(self) -> Tensor:
         """|o_i| = sum_t m[i, t] per sample, float64 (cached)."""
         if "sample_tokens" not in self._cache:
-            tokens = torch.zeros(self.num_samples, dtype=torch.float64)
-            tokens.index_add_(0, self.sample_of_token(), self.mask_flat)
-            self._cache["sample_tokens"] = tokens
+            # segment sums from one running sum (exact for integer counts < 2**53), not a per-token index_add_
+            running = torch.cumsum(self.mask_flat, 0)
+            at_ends = running[torch.cumsum(self.response_lengths_t, 0) - 1]
+            self._cache["sample_tokens"] = torch.diff(at_ends, prepend=at_ends.new_zeros(1))
         return self._cache["sample_tokens"]
 
     def _flatten_masks(self) -> Tensor:
@@ -114,8 +116,16 @@ class StepBatch:
                     f"loss_masks[{i}] must be 1-D of length response_lengths[{i}]={int(self.response_lengths_t[i])} "
                     f"(got shape {tuple(masks[i].shape)})"
                 )
-            flat = torch.cat([m.detach().reshape(-1).cpu() for m in masks])
-        flat = flat.detach().cpu().to(torch.float64)
+            try:
+                flat = torch.cat(list(masks))
+            except RuntimeError:  # masks on several devices
+                flat = torch.cat([m.detach().cpu() for m in masks])
+        flat = flat.detach().cpu()
+        # m * (m - 1) == 0 exactly iff m is 0 or 1 (NaN propagates through amax): one reduction in the
+        # mask's own dtype; the element-wise search below runs only to name a bad entry
+        if flat.dtype == torch.bool or not flat.numel() or float(flat.mul(flat - 1).abs_().amax()) == 0:
+            return flat.to(torch.float64)
+        flat = flat.to(torch.float64)
         bad = torch.nonzero((flat != 0) & (flat != 1))
         if bad.numel():
             pos = int(bad[0])

@@ -68,6 +68,17 @@ class ModelConfig:
     mlp_ratio: int = 4
     init_std: float = 0.02
 
+    @classmethod
+    def for_task(cls, task: Any, **sizes: Any) -> ModelConfig:
+        """A config whose vocabulary, action set, pad token and positions fit ``task`` (a DigitSumTask)."""
+        return cls(
+            vocab_size=task.vocab_size,
+            num_actions=task.num_actions,
+            pad_id=task.pad_id,
+            max_positions=task.max_total_len,
+            **sizes,
+        )
+
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")

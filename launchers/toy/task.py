@@ -1,18 +1,20 @@
 """A synthetic task with a verifiable reward: write digits whose sum hits the target in the prompt.
 
-Prompt: ``BOS d1 [d2] SEP`` spells a target ``t`` in ``[target_min, target_max]`` in decimal (no
-leading zero, so prompts have 3 or 4 tokens). Response: digit tokens followed by ``EOS``; at most
-``max_response_len`` tokens in all (EOS included). A response that reaches the limit without EOS is
-truncated.
+Prompt: ``BOS d1 d0 SEP`` spells a target ``t`` in ``[target_min, target_max]`` as two decimal digits
+(zero-padded: a fixed place for the tens digit is much easier for a tiny model to read). Response:
+digit tokens followed by ``EOS``, at most ``max_response_len`` tokens in all (EOS included); a
+response that reaches the limit without EOS is truncated.
 
 Reward, in ``[0, 1]``, with ``s`` the sum of the response digits:
 
-    r = (1 - exact_bonus) * max(0, 1 - |s - t| / scale) + exact_bonus * [s == t]
+    r = (1 - exact_bonus) * exp(-|s - t| / scale) + exact_bonus * [s == t]
 
 and ``r = 0`` for a truncated response (no EOS), so the policy first learns to stop, then to stop at
-the right sum. Different targets need different numbers of digits (at least ``ceil(t / 9)``), so
-response lengths vary between samples and the aggregation modes (sample_mean / token_mean /
-constant) weight tokens differently.
+the right sum. The exponential keeps the reward dense (no flat zero region where a whole prompt group
+ties and GRPO gets no signal) while paying most near the target. Different targets need different
+numbers of digits (at least ``ceil(t / 9)``), so a policy that has learned the task writes responses
+of clearly different lengths, and the aggregation modes (sample_mean / token_mean / constant) weight
+tokens differently.
 
 Token ids: digits ``0..9`` are ids ``0..9``, then ``EOS``, ``BOS``, ``SEP``, ``PAD``. The first
 ``num_actions`` ids (digits and EOS) are the only tokens a policy emits.
@@ -20,6 +22,7 @@ Token ids: digits ``0..9`` are ids ``0..9``, then ``EOS``, ``BOS``, ``SEP``, ``P
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -42,14 +45,14 @@ class DigitSumTask:
         max_response_len: most response tokens, EOS included.
         target_min: smallest target (>= 1, so an empty answer is never exact).
         target_max: largest target (<= 9 * (max_response_len - 1), so every target is reachable; < 100).
-        scale: distance from the target at which the closeness part of the reward reaches 0.
+        scale: distance from the target at which the closeness part of the reward falls to 1/e.
         exact_bonus: share of the reward given only for an exact hit.
     """
 
     max_response_len: int = 12
     target_min: int = 1
     target_max: int = 40
-    scale: float = 15.0
+    scale: float = 5.0
     exact_bonus: float = 0.25
 
     vocab_size: int = VOCAB_SIZE
@@ -75,8 +78,8 @@ class DigitSumTask:
 
     @property
     def max_prompt_len(self) -> int:
-        """Longest prompt: BOS, two digits, SEP."""
-        return 2 + len(str(self.target_max))
+        """Prompt length (every prompt): BOS, two digits, SEP."""
+        return 4
 
     @property
     def max_total_len(self) -> int:
@@ -84,8 +87,8 @@ class DigitSumTask:
         return self.max_prompt_len + self.max_response_len
 
     def encode_prompt(self, target: int) -> list[int]:
-        """``[BOS, digits of target..., SEP]``."""
-        return [self.bos_id, *(int(c) for c in str(int(target))), self.sep_id]
+        """``[BOS, tens digit, ones digit, SEP]``."""
+        return [self.bos_id, *(int(c) for c in f"{int(target):02d}"), self.sep_id]
 
     def target_of(self, prompt: Sequence[int]) -> int:
         """Decode the target from a prompt made by :meth:`encode_prompt`."""
@@ -107,7 +110,7 @@ class DigitSumTask:
             return 0.0  # only digits may precede EOS; a policy over num_actions never breaks this
         target = self.target_of(prompt)
         total = sum(body)
-        closeness = max(0.0, 1.0 - abs(total - target) / self.scale)
+        closeness = math.exp(-abs(total - target) / self.scale)
         return (1.0 - self.exact_bonus) * closeness + self.exact_bonus * float(total == target)
 
     def describe(self) -> str:
@@ -115,6 +118,6 @@ class DigitSumTask:
         return (
             f"digit-sum: the prompt spells a target in [{self.target_min}, {self.target_max}]; the policy writes "
             f"digits then EOS (at most {self.max_response_len} tokens) and earns "
-            f"{1 - self.exact_bonus:g} * max(0, 1 - |sum - target| / {self.scale:g}) + {self.exact_bonus:g} * [exact hit] "
+            f"{1 - self.exact_bonus:g} * exp(-|sum - target| / {self.scale:g}) + {self.exact_bonus:g} * [exact hit] "
             "(0 without EOS). Targets need different numbers of digits, so response lengths vary."
         )
