@@ -124,6 +124,7 @@ class Trainer:
         self.max_seq_len = self.task.max_total_len if config.parallel.qkv_format == "bshd" else None
         self.step = 0
         self.rollout: PreparedRollout | None = None
+        self.stop: _StopRequest | None = None  # installed by run(): Ctrl-C handling belongs to the loop
 
     # -- rollouts ---------------------------------------------------------------------------
 
@@ -193,7 +194,7 @@ class Trainer:
             loss.backward()
             partials += torch.stack([metrics.get(k, torch.zeros((), dtype=torch.float64)) for k in METRIC_KEYS])
 
-        stop = torch.tensor([float(self.stop.requested)], dtype=torch.float64)
+        stop = torch.tensor([float(self.stop is not None and self.stop.requested)], dtype=torch.float64)
         reduced = ctx.all_reduce_sum(torch.cat([partials, stop]))
         self._all_reduce_grads()
         grad_norm = self._clip_and_step()

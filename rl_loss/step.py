@@ -76,15 +76,6 @@ class StepBatch:
         """sum_i R_i, the length of the step's flat per-token order (masked tokens included)."""
         return self.mask_flat.numel()
 
-    def sample_of_token(self) -> Tensor:
-        """Sample index of every position of the flat per-token order (cached)."""
-        if "sample_of_token" not in self._cache:
-            # repeat_interleave(repeats) numbers the samples directly (no gather from an arange)
-            self._cache["sample_of_token"] = torch.repeat_interleave(
-                self.response_lengths_t, output_size=self.num_response_tokens
-            )
-        return self._cache["sample_of_token"]
-
     def sample_tokens(self) -> Tensor:
         """|o_i| = sum_t m[i, t] per sample, float64 (cached)."""
         if "sample_tokens" not in self._cache:

@@ -58,3 +58,13 @@ def test_bad_arguments_are_rejected(argv, capsys):
         reducers.parse_args(["--quick", *argv])
     assert exc.value.code == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_train_step_benchmark_reports_throughput(capsys):
+    from benchmarks import train_step
+
+    tiny = ["rollout.prompts_per_rollout=2", "rollout.n_samples_per_prompt=4", "trainer.global_batch_size=8",
+            "trainer.micro_batch_size=4", "model.d_model=16", "model.n_layers=1"]
+    assert train_step.main(["--rollouts", "1", "--warmup", "0", *tiny]) == 0
+    out = capsys.readouterr().out
+    assert "| training tokens/s (without rollout) |" in out and "| end-to-end tokens/s (with rollout) |" in out
