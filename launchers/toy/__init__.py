@@ -5,13 +5,12 @@ Everything here is plain PyTorch and needs no download, so ``python -m launchers
 2-core CPU in minutes.
 """
 
+from launchers.toy.cp_exchange import all_gather_kv, run_simulated_cp
 from launchers.toy.model import (
     ModelConfig,
     ToyPolicy,
-    all_gather_kv,
     cp_batch,
     local_logprobs,
-    run_simulated_cp,
 )
 from launchers.toy.rollout import Rollout, generate, sample_rollout
 from launchers.toy.task import DigitSumTask
