@@ -6,6 +6,9 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+
 .PHONY: install train test lint bench schema sweep clean
 
 $(PY):
@@ -32,7 +35,7 @@ lint: $(STAMP)
 BENCH_ENV := MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=1073741824 OMP_WAIT_POLICY=PASSIVE
 
 bench: $(STAMP)
-	$(BENCH_ENV) $(PY) -m benchmarks.reducers $(ARGS)
+	$(BENCH_ENV) $(PY) -m benchmarks.reducers $(ARGS) 2>&1 | grep -v '^USDT:'  # torch.profiler's trace lines
 	$(BENCH_ENV) $(PY) -m benchmarks.train_step
 
 schema: $(STAMP)
