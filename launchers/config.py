@@ -261,6 +261,12 @@ def _whole_rollouts(cfg: RunConfig, world_size: int) -> str | None:
     return None
 
 
+def _nccl_needs_cuda(cfg: RunConfig, world_size: int) -> str | None:
+    if cfg.parallel.backend == "nccl" and cfg.device == "cpu":
+        return "parallel.backend: nccl needs CUDA tensors (got nccl with device=cpu); use gloo or device=cuda"
+    return None
+
+
 def _targets_reachable(cfg: RunConfig, world_size: int) -> str | None:
     needed = -(-cfg.task.target_max // 9) + 1  # nine per digit, then EOS
     if cfg.rollout.max_response_len < needed:
@@ -293,5 +299,6 @@ CROSS_SECTION_RULES = (
     _cp_divides_world,
     _whole_rollouts,
     _targets_reachable,
+    _nccl_needs_cuda,
     _divisor_covers_max_response,
 )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import logging
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,9 +76,17 @@ class _StopRequest:
 
 
 def resolve_device(requested: str) -> torch.device:
-    """``auto`` means CUDA when available."""
+    """``auto`` means CUDA when available.
+
+    Raises:
+        SystemExit: (code 2, one line) when CUDA is requested on a machine without it.
+    """
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        print("Invalid configuration:\n  device: no CUDA device is available (got 'cuda'); use device=cpu or device=auto",
+              file=sys.stderr)
+        raise SystemExit(2)
     return torch.device(requested)
 
 
@@ -188,11 +197,12 @@ class Trainer:
             )
             index = pg_reducer.token_index
             loss, metrics = policy_loss(
-                logprobs.double(), old[index], advantages[index], pg_reducer, metric_reducer, cfg.loss,
-                ref_logprobs=ref[index] if ref is not None else None, entropy=entropy.double(),
+                logprobs.double(), self._local(old, index), self._local(advantages, index), pg_reducer, metric_reducer,
+                cfg.loss, ref_logprobs=self._local(ref, index), entropy=entropy.double(),
             )
             loss.backward()
-            partials += torch.stack([metrics.get(k, torch.zeros((), dtype=torch.float64)) for k in METRIC_KEYS])
+            partials += torch.stack([metrics[k].cpu() if k in metrics else torch.zeros((), dtype=torch.float64)
+                                     for k in METRIC_KEYS])
 
         stop = torch.tensor([float(self.stop is not None and self.stop.requested)], dtype=torch.float64)
         reduced = ctx.all_reduce_sum(torch.cat([partials, stop]))
@@ -217,6 +227,10 @@ class Trainer:
             record.pop("kl_loss")
         self._stop_everywhere = bool(reduced[-1] > 0)
         return record
+
+    def _local(self, per_token: Tensor | None, index: Tensor) -> Tensor | None:
+        """This rank's values of a step-ordered per-token tensor, on the model's device."""
+        return None if per_token is None else per_token[index].to(self.device)
 
     def _all_reduce_grads(self) -> None:
         if not self.ctx.distributed:

@@ -192,3 +192,17 @@ def test_cli_help_lists_groups_and_every_loss_field():
         if name != "target":
             assert f"loss.{name} (" in result.stdout
             assert field.description in result.stdout
+
+
+def test_nccl_backend_needs_cuda():
+    assert only_problem("parallel.backend=nccl").startswith("parallel.backend: nccl needs CUDA tensors")
+
+
+def test_max_response_len_must_reach_the_largest_target():
+    # target 40 needs five digits of at most 9 (45 >= 40) plus EOS: 6 tokens
+    line = only_problem("rollout.max_response_len=5")
+    assert line.startswith("rollout.max_response_len: task.target_max=40 needs responses of 6 tokens")
+
+
+def test_adam_betas_must_be_below_one():
+    assert only_problem("optim.betas=[0.9,1.0]").startswith("optim.betas: each must be in [0, 1)")
