@@ -298,11 +298,11 @@ class Trainer:
             self._load(resume_from)
             log.info("resumed from %s (step %d)", resume_from, self.step)
         writer = MetricsWriter(self.run_dir, self.step if resume_from else None) if ctx.is_main else None
-        progress = Progress(cfg.trainer.max_steps, self.step, cfg.progress, enabled=ctx.is_main)
         if ctx.is_main:
             log.info("task: %s", self.task.describe())
             log.info("aggregation=%s world=%d (DP %d x CP %d, %s) run folder: %s", self.factory.aggregation,
                      ctx.world_size, ctx.dp_size, ctx.cp_size, cfg.parallel.qkv_format, self.run_dir)
+        progress = Progress(cfg.trainer.max_steps, self.step, cfg.progress, enabled=ctx.is_main)
         self.stop = _StopRequest()
         self._stop_everywhere = False
         reward = float("nan")
