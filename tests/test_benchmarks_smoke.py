@@ -38,7 +38,8 @@ def test_quick_run_prints_every_table(tmp_path, capsys):
     assert all(r["agree_with_loop"] for r in results["reducer"])
     for r in results["reducer"]:
         assert r["reducer"]["pairs"] >= 1 and r["reducer"]["floor_ms"] > 0
-    assert len(results["targets"]) == 8
+    # per mode: the reducer target, and the build target per mask layout (flat, list)
+    assert len(results["targets"]) == 4 * 3
 
 
 def test_sections_and_modes_select_what_runs(capsys):
