@@ -132,3 +132,10 @@ def test_config_error_stops_before_any_model_is_built(tmp_path):
     assert "loss.divisor: must be a finite number > 0" in result.stderr
     assert "Traceback" not in result.stderr
     assert not tmp_path.exists() or not any(tmp_path.iterdir())  # no run folder content: nothing started
+
+
+def test_kl_penalty_builds_a_reference_and_logs_kl_loss(tmp_path):
+    records = run_tiny(tmp_path, "loss=dapo", "loss.kl_coef=0.04", "loss.kl_estimator=k3", "trainer.max_steps=2")
+    # k3 >= 0; at step 1 the policy still equals the reference, so the estimate is 0 up to float32 noise
+    assert abs(records[0]["kl_loss"]) < 1e-6
+    assert records[1]["kl_loss"] > 1e-9  # one AdamW step later the policy has moved away from it
