@@ -50,6 +50,7 @@ class PreparedRollout:
     response_lengths: list[int]
     total_lengths: list[int]
     group_index: list[int]
+    loss_masks: list[Tensor]
     rewards: Tensor
     advantages: Tensor
     old_logprobs: list[Tensor]
@@ -160,6 +161,7 @@ class Trainer:
             response_lengths=lengths,
             total_lengths=rollout.total_lengths,
             group_index=rollout.group_index,
+            loss_masks=rollout.loss_masks,
             rewards=rewards,
             advantages=advantages,
             old_logprobs=self._token_logprobs(self.policy, sequences, lengths),
@@ -175,7 +177,7 @@ class Trainer:
         step_batch = StepBatch(
             response_lengths=lengths,
             total_lengths=[ro.total_lengths[i] for i in samples],
-            loss_masks=[torch.ones(n, dtype=torch.float64) for n in lengths],
+            loss_masks=[ro.loss_masks[i] for i in samples],
             group_index=[ro.group_index[i] for i in samples],
         )
         old = torch.cat([ro.old_logprobs[i] for i in samples])
@@ -185,10 +187,10 @@ class Trainer:
         per_rank = len(samples) // ctx.dp_size
         mbs = cfg.trainer.micro_batch_size
         partials = torch.zeros(len(METRIC_KEYS), dtype=torch.float64)
+        layout = dict(cp_rank=ctx.cp_rank, cp_size=ctx.cp_size, qkv_format=cfg.parallel.qkv_format,
+                      max_seq_len=self.max_seq_len)
         for start in range(ctx.dp_rank * per_rank, (ctx.dp_rank + 1) * per_rank, mbs):
             micro = list(range(start, start + mbs))  # indices within the step
-            layout = dict(cp_rank=ctx.cp_rank, cp_size=ctx.cp_size, qkv_format=cfg.parallel.qkv_format,
-                          max_seq_len=self.max_seq_len)
             pg_reducer = self.factory.pg_reducer(step_batch, micro, **layout)
             metric_reducer = self.factory.metric_reducer(step_batch, micro, **layout)
             logprobs, entropy = local_logprobs(

@@ -49,8 +49,7 @@ def _prompt_mean_scale(step: StepBatch, divisor: float | None) -> Tensor:
 
 def _token_mean_scale(step: StepBatch, divisor: float | None) -> Tensor:
     """token_mean (DAPO as implemented): J = sum_i sum_t m*l / max(T, 1)  ->  c_i = 1 / max(T, 1)."""
-    total = step.mask_flat.sum().clamp_min(1)
-    return (1.0 / total).expand(step.num_samples)
+    return torch.tensor(1.0 / max(step.masked_tokens(), 1), dtype=torch.float64).expand(step.num_samples)
 
 
 def _constant_scale(step: StepBatch, divisor: float | None) -> Tensor:
@@ -105,7 +104,7 @@ def build_step_weights(step: StepBatch, aggregation: str, divisor: float | None 
 
 
 def _finish_weights(step: StepBatch, weights: Tensor) -> StepWeights:
-    tokens = int(step.mask_flat.sum())
+    tokens = step.masked_tokens()
     if tokens == 0:
         warnings.warn(
             f"every loss-mask entry of the step is 0 ({step.num_samples} samples): pg_loss is 0 with zero "

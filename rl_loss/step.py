@@ -76,6 +76,12 @@ class StepBatch:
         """sum_i R_i, the length of the step's flat per-token order (masked tokens included)."""
         return self.mask_flat.numel()
 
+    def masked_tokens(self) -> int:
+        """T = sum_{i,t} m[i, t], the step's tokens counted by the loss masks (cached)."""
+        if "masked_tokens" not in self._cache:
+            self._cache["masked_tokens"] = int(self.mask_flat.sum())
+        return self._cache["masked_tokens"]
+
     def sample_tokens(self) -> Tensor:
         """|o_i| = sum_t m[i, t] per sample, float64 (cached)."""
         if "sample_tokens" not in self._cache:
