@@ -67,7 +67,7 @@ def test_drgrpo_divisor_override():
 
 def test_dapo_sets_clip_higher():
     loss = compose_job(["loss=dapo"]).config.loss
-    assert (loss.eps_clip, loss.clip_high) == (0.2, 0.28)
+    assert (loss.clip_low, loss.clip_high) == (0.2, 0.28)
 
 
 @pytest.mark.parametrize("launcher", ["joblib", "submitit_slurm", "submitit_local"])
