@@ -42,7 +42,7 @@ schema: $(STAMP)
 	$(PY) -m launchers.schema --write
 
 sweep: $(STAMP)
-	$(PY) -m launchers.train -m loss=grpo,dapo,drgrpo,scalerl $(ARGS)
+	$(PY) -m launchers.train -m loss=grpo,dapo,drgrpo,scalerl,gspo,cispo,sapo $(ARGS)
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache .hypothesis

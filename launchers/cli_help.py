@@ -14,12 +14,12 @@ usage: python -m launchers.train [-m] [GROUP=OPTION ...] [KEY=VALUE ...]
        torchrun --nproc-per-node K -m launchers.train parallel.cp_size=C [...]
 
 Trains a policy with GRPO-family RL on the embedded digit-sum task; every setting below can be
-overridden as KEY=VALUE. -m runs a sweep (e.g. -m loss=grpo,dapo,drgrpo,scalerl); every job is
+overridden as KEY=VALUE. -m runs a sweep (e.g. -m loss=grpo,dapo,drgrpo,scalerl,gspo,cispo,sapo); every job is
 validated before the first starts. dry_run=true validates and exits. Hydra's own help: --hydra-help.
 
 examples:
   python -m launchers.train loss=drgrpo loss.divisor=40960
-  python -m launchers.train -m loss=grpo,dapo,drgrpo,scalerl hydra/launcher=joblib
+  python -m launchers.train -m loss=grpo,dapo,drgrpo,scalerl,gspo,cispo,sapo hydra/launcher=joblib
   python -m launchers.report multirun/DATE/TIME
 """
 

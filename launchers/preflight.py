@@ -171,7 +171,7 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
 
 
 def summary(job: Job) -> str:
-    """One line: mode, divisor, steps per rollout and micro-batches per step."""
+    """One line: mode, divisor, surrogate, ratio level, advantages, steps per rollout and micro-batches per step."""
     cfg = job.config
     world = world_size_from_env()
     dp_size = max(world // cfg.parallel.cp_size, 1)
@@ -179,8 +179,8 @@ def summary(job: Job) -> str:
     divisor = f"{cfg.loss.divisor:g}" if cfg.loss.divisor is not None else "-"
     mode = f"custom({cfg.loss.custom_pg_reducer})" if cfg.loss.custom_pg_reducer else cfg.loss.aggregation
     return (
-        f"aggregation={mode} divisor={divisor} advantages={cfg.loss.advantage_estimator} "
-        f"steps_per_rollout={cfg.steps_per_rollout} micro_batches_per_step={micro} (per DP rank, DP={dp_size}, "
+        f"aggregation={mode} divisor={divisor} surrogate={cfg.loss.surrogate} ratio={cfg.loss.ratio_level} "
+        f"advantages={cfg.loss.advantage_estimator} steps_per_rollout={cfg.steps_per_rollout} micro_batches_per_step={micro} (per DP rank, DP={dp_size}, "
         f"CP={cfg.parallel.cp_size}, {cfg.parallel.qkv_format}) max_steps={cfg.trainer.max_steps}"
     )
 

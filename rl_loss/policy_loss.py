@@ -69,9 +69,10 @@ def policy_loss(
         entropy: per-token entropy of the policy; required when ``config.entropy_coef > 0``.
         tis_weights: truncated importance weights multiplying the per-token pg loss.
         rs_mask: rejection-sampling mask (0 drops a token from the pg numerator; denominators keep it).
-        cp_all_reduce: autograd-aware sum over this rank's CP group (e.g.
-            ``functools.partial(torch.distributed.nn.functional.all_reduce, group=cp_group)``), used once per
-            call by ``ratio_level=sequence`` only and required there when ``pg_reducer.cp_size > 1``.
+        cp_all_reduce: autograd-aware sum over this rank's CP group (its backward all-reduces the
+            gradient too), e.g. ``lambda t: torch.distributed.nn.functional.all_reduce(t, group=cp_group)``;
+            used once per call by ``ratio_level=sequence`` only, and required there when
+            ``pg_reducer.cp_size > 1``.
 
     Returns:
         ``(loss, metrics)`` with metrics ``pg_loss``, ``pg_clipfrac``, ``ppo_kl``, ``kl_loss``, ``entropy``

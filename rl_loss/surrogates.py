@@ -25,7 +25,7 @@ SAPO_HALVING_LOGIT = 2.0 * math.asinh(1.0)
 """ln(3 + 2*sqrt(2)) ~ 1.763: where |tau * (r - 1)| reaches it, SAPO's gate has halved PPO's gradient."""
 
 CpAllReduce = Callable[[Tensor], Tensor]
-"""An autograd-aware sum over the CP group (e.g. ``torch.distributed.nn.functional.all_reduce``)."""
+"""An autograd-aware sum over the CP group: returns the group's sum, and its backward all-reduces the gradient."""
 
 
 def importance_ratio(logprobs: Tensor, old_logprobs: Tensor) -> Tensor:
@@ -144,7 +144,7 @@ def sequence_importance_ratio(
         raise ValueError(
             f"cp_all_reduce is required for ratio_level=sequence under context parallelism (got None with "
             f"cp_size={pg_reducer.cp_size}): each sample's log-ratio sum spans CP ranks; pass an autograd-aware "
-            "all-reduce over the CP group, e.g. functools.partial(torch.distributed.nn.functional.all_reduce, group=cp_group)"
+            "all-reduce over the CP group, e.g. lambda t: torch.distributed.nn.functional.all_reduce(t, group=cp_group)"
         )
     partial = pg_reducer.sample_partial_means(logprobs - old_logprobs)
     mean_log_ratio = partial if cp_all_reduce is None else cp_all_reduce(partial)

@@ -23,8 +23,8 @@ def all_group_combinations() -> list[list[str]]:
     return [[f"{k}={v}" for k, v in zip(keys, combo, strict=True)] for combo in itertools.product(*(groups[k] for k in keys))]
 
 
-def test_hydra_lists_the_four_loss_presets():
-    assert set(group_options()["loss"]) >= {"grpo", "dapo", "drgrpo", "scalerl"}
+def test_hydra_lists_the_loss_presets():
+    assert set(group_options()["loss"]) >= {"grpo", "dapo", "drgrpo", "scalerl", "gspo", "cispo", "sapo"}
 
 
 @pytest.mark.parametrize("overrides", all_group_combinations(), ids=lambda o: " ".join(o))
@@ -35,7 +35,8 @@ def test_every_group_combination_validates(overrides):
 
 @pytest.mark.parametrize(
     ("preset", "aggregation"),
-    [("grpo", "sample_mean"), ("dapo", "token_mean"), ("drgrpo", "constant"), ("scalerl", "prompt_mean")],
+    [("grpo", "sample_mean"), ("dapo", "token_mean"), ("drgrpo", "constant"), ("scalerl", "prompt_mean"),
+     ("gspo", "sample_mean"), ("cispo", "token_mean"), ("sapo", "sample_mean")],
 )
 def test_instantiate_loss_group_returns_factory(preset, aggregation):
     register_configs()

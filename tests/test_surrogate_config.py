@@ -95,3 +95,33 @@ def test_cli_rejects_a_field_the_surrogate_ignores_with_exit_2():
     assert result.returncode == 2
     assert "Traceback" not in result.stderr + result.stdout
     assert "loss.eps_clip_c: the dual clip belongs to ppo_clip and would be ignored with surrogate=sapo" in result.stderr
+
+
+# --- presets --------------------------------------------------------------------------------------------------
+
+
+def test_gspo_preset_is_ppo_clip_on_the_sequence_ratio_with_the_papers_ranges():
+    loss = compose_job(["loss=gspo"]).config.loss
+    assert (loss.surrogate, loss.ratio_level, loss.aggregation) == ("ppo_clip", "sequence", "sample_mean")
+    assert (loss.clip_low, loss.clip_high) == (3e-4, 4e-4)
+
+
+def test_cispo_preset_is_cispo_with_token_mean():
+    loss = compose_job(["loss=cispo"]).config.loss
+    assert (loss.surrogate, loss.ratio_level, loss.aggregation) == ("cispo", "token", "token_mean")
+
+
+def test_sapo_preset_is_sapo_with_the_papers_temperatures():
+    loss = compose_job(["loss=sapo"]).config.loss
+    assert (loss.surrogate, loss.aggregation, loss.tau_pos, loss.tau_neg) == ("sapo", "sample_mean", 1.0, 1.05)
+
+
+def test_scalerl_preset_is_cispo_prompt_mean_and_batch_std_advantages():
+    loss = compose_job(["loss=scalerl"]).config.loss
+    assert (loss.surrogate, loss.aggregation, loss.advantage_estimator) == ("cispo", "prompt_mean", "grpo_batch_std")
+    assert 1 + loss.clip_high == 5.0  # ScaleRL's truncation eps_max
+
+
+def test_presets_reject_fields_their_surrogate_ignores():
+    assert only_problem("loss=sapo", "loss.eps_clip=0.2").startswith("loss.eps_clip: sapo has no clip")
+    assert only_problem("loss=scalerl", "loss.eps_clip_c=3").startswith("loss.eps_clip_c: the dual clip")

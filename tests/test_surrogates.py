@@ -261,3 +261,26 @@ def test_gspo_split_over_two_cp_ranks_equals_the_whole_sequence():
     # dJ/dlogp_t = -A * s / |o| = -e^0.045 / 10 on every token, on both ranks
     total.backward()
     assert logp.grad.tolist() == pytest.approx([-math.exp(0.045) / 10] * 10, rel=1e-12)
+
+
+def test_megatron_policy_loss_func_passes_the_cp_all_reduce_to_gspo():
+    # the sample of the CP test above, through the Megatron adapter (sample_mean: returned loss = partial * k,
+    # k = num_microbatches * dp_cp_size = 1 * 2): the two ranks' losses sum to 2 * (-e^0.045)
+    from rl_loss.integrations.megatron import megatron_policy_loss_func
+
+    config = config_of(ratio_level="sequence")
+    step = StepBatch(response_lengths=[10], total_lengths=[12], loss_masks=[torch.ones(10)])
+    factory = ReducerFactory(config)
+    logp = 0.01 * torch.arange(10, dtype=torch.float64)
+    indices = [factory.pg_reducer(step, cp_rank=r, cp_size=2).token_index for r in range(2)]
+    partials = [factory.pg_reducer(step, cp_rank=r, cp_size=2).sample_partial_means(logp[indices[r]]) for r in range(2)]
+    total = 0.0
+    for r in range(2):
+        loss_func = megatron_policy_loss_func(
+            factory, step, old_logprobs=torch.zeros(len(indices[r]), dtype=torch.float64),
+            advantages=torch.ones(len(indices[r]), dtype=torch.float64), num_microbatches=1, dp_cp_size=2,
+            cp_rank=r, cp_size=2, cp_all_reduce=lambda p, other=partials[1 - r]: p + other,
+        )
+        loss, _, _ = loss_func(logp[indices[r]])
+        total += float(loss)
+    assert total == pytest.approx(-2 * math.exp(0.045), rel=1e-12)
