@@ -129,6 +129,7 @@ class TokenReducer:
         check_finite: name the token of a non-finite value with non-zero weight instead of returning NaN.
         samples: the micro-batch's sample numbers in local order (``None``: every sample of the step).
         cp_size: size of the CP group whose ranks share these samples' tokens.
+        local_counts: how many local values each of those samples has (derived from ``local_index`` if omitted).
     """
 
     def __init__(
@@ -140,6 +141,7 @@ class TokenReducer:
         *,
         samples: Tensor | None = None,
         cp_size: int = 1,
+        local_counts: Tensor | None = None,
     ):
         self._weights64 = local_weights
         self._index = local_index
@@ -147,9 +149,10 @@ class TokenReducer:
         self._check_finite = check_finite
         self._samples = samples
         self._cp_size = cp_size
+        self._local_counts = local_counts
         self._cast: dict[tuple[torch.dtype, torch.device], Tensor] = {}
         self._sample_slots: Tensor | None = None
-        self._mean_coeff: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+        self._mean_inputs: dict[tuple[torch.dtype, torch.device], tuple[Tensor, Tensor, Tensor]] = {}
 
     @property
     def num_local_tokens(self) -> int:
@@ -189,14 +192,9 @@ class TokenReducer:
         over that sample's local tokens (e.g. GSPO's sequence ratio).
         """
         if self._sample_slots is None:
-            ends = torch.cumsum(self._step.response_lengths_t, 0)
-            owner = torch.searchsorted(ends, self._index, right=True)  # step sample number of each local token
-            if self._samples is None:
-                self._sample_slots = owner
-            else:
-                slot_of = torch.full((self._step.num_samples,), -1, dtype=torch.long)
-                slot_of[self._samples] = torch.arange(self._samples.numel())
-                self._sample_slots = slot_of[owner]
+            counts = self._counts()
+            slots = torch.arange(counts.numel())
+            self._sample_slots = torch.repeat_interleave(slots, counts, output_size=self.num_local_tokens)
         return self._sample_slots
 
     def sample_partial_means(self, local_values: Tensor) -> Tensor:
@@ -210,20 +208,38 @@ class TokenReducer:
             ValueError: for values of the wrong shape, or a non-finite value at a loss-mask token.
         """
         self._check_local_values(local_values)
-        key = (local_values.dtype, local_values.device)
-        if key not in self._mean_coeff:
-            inv_count = 1.0 / self._step.sample_tokens().clamp_min(1)
-            owner = self.sample_indices[self.local_sample_index]
-            coeff = self._step.mask_flat[self._index] * inv_count[owner]
-            self._mean_coeff[key] = coeff.to(device=local_values.device, dtype=local_values.dtype)
-        coeff = self._mean_coeff[key]
-        terms = local_values * coeff
-        if self._check_finite and not bool(torch.isfinite(terms.detach().sum())):
-            active = coeff != 0
+        mask, inv_count, counts = self._mean_inputs_for(local_values.dtype, local_values.device)
+        if not counts.numel():  # an empty micro-batch
+            return local_values.new_zeros(0)
+        # the local values are grouped by sample (each sample's CP pieces in a row): one segment sum per sample
+        sums = torch.segment_reduce(local_values * mask, "sum", lengths=counts)
+        if self._check_finite and not bool(torch.isfinite(sums.detach().sum())):
+            active = mask != 0
             self._raise_if_nonfinite(local_values, active)
-            terms = torch.where(active, local_values, torch.zeros_like(local_values)) * coeff
-        slots = self.local_sample_index.to(local_values.device)
-        return terms.new_zeros(self.sample_indices.numel()).index_add(0, slots, terms)
+            terms = torch.where(active, local_values, torch.zeros_like(local_values)) * mask
+            sums = torch.segment_reduce(terms, "sum", lengths=counts)
+        return sums * inv_count
+
+    def _mean_inputs_for(self, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """(local mask, 1 / max(|o_i|, 1) and local value count per micro-batch sample), cast once per dtype/device."""
+        key = (dtype, device)
+        if key not in self._mean_inputs:
+            mask = self._step.mask_flat.index_select(0, self._index)
+            inv_count = 1.0 / self._step.sample_tokens().clamp_min(1).index_select(0, self.sample_indices)
+            self._mean_inputs[key] = (
+                mask.to(device=device, dtype=dtype),
+                inv_count.to(device=device, dtype=dtype),
+                self._counts().to(device),
+            )
+        return self._mean_inputs[key]
+
+    def _counts(self) -> Tensor:
+        """How many local values each micro-batch sample has (in :attr:`sample_indices` order)."""
+        if self._local_counts is None:  # a reducer built by hand: count each sample's local values from the index
+            ends = torch.cumsum(self._step.response_lengths_t, 0)
+            owner = torch.searchsorted(ends, self._index, right=True)
+            self._local_counts = torch.bincount(owner, minlength=self._step.num_samples)[self.sample_indices]
+        return self._local_counts
 
     def weights(self, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu") -> Tensor:
         """The local token weights, cast to ``dtype`` on ``device`` (cached)."""
@@ -375,10 +391,11 @@ class ReducerFactory:
             else:
                 start = int(step.response_offsets[samples[0]])
                 end = int(step.response_offsets[samples[-1]] + step.response_lengths_t[samples[-1]])
+            counts = step.response_lengths_t if samples is None else step.response_lengths_t[samples]
             return TokenReducer(weights.weights[start:end], torch.arange(start, end), step, self.check_finite,
-                                samples=samples)
+                                samples=samples, local_counts=counts)
         pick = (lambda t: t) if samples is None else (lambda t: t[samples])
-        index = local_token_index(
+        index, counts = local_token_index(
             pick(step.total_lengths_t),
             pick(step.response_lengths_t),
             pick(step.response_offsets),
@@ -386,9 +403,10 @@ class ReducerFactory:
             cp_size,
             qkv_format,
             max_seq_len,
+            with_counts=True,
         )
         return TokenReducer(weights.weights.index_select(0, index), index, step, self.check_finite,
-                            samples=samples, cp_size=cp_size)
+                            samples=samples, cp_size=cp_size, local_counts=counts)
 
 
 def _is_run(samples: Tensor) -> bool:

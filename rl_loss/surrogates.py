@@ -149,7 +149,7 @@ def sequence_importance_ratio(
     partial = pg_reducer.sample_partial_means(logprobs - old_logprobs)
     mean_log_ratio = partial if cp_all_reduce is None else cp_all_reduce(partial)
     per_sample = torch.exp(mean_log_ratio.clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT))
-    return per_sample[pg_reducer.local_sample_index.to(per_sample.device)]
+    return per_sample.index_select(0, pg_reducer.local_sample_index.to(per_sample.device))
 
 
 def per_token_pg_loss(
