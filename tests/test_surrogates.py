@@ -284,3 +284,41 @@ def test_megatron_policy_loss_func_passes_the_cp_all_reduce_to_gspo():
         loss, _, _ = loss_func(logp[indices[r]])
         total += float(loss)
     assert total == pytest.approx(-2 * math.exp(0.045), rel=1e-12)
+
+
+# --- TIS and RS keep their meaning for every surrogate --------------------------------------------------------
+
+# one sample of two tokens, r = 1 (logp = logp_old = ln 0.5), A = 1:
+#   ppo_clip, gspo: l = -r A = -1;   cispo: l = -1 * 1 * ln 0.5 = ln 2;   sapo: l = -sigmoid(0) * 4 * 1 = -2
+ON_POLICY_LOSS = {
+    "ppo_clip": -1.0,
+    "gspo": -1.0,
+    "cispo": math.log(2.0),
+    "sapo": -2.0,
+}
+SURROGATE_FIELDS = {
+    "ppo_clip": {},
+    "gspo": {"ratio_level": "sequence"},
+    "cispo": {"surrogate": "cispo"},
+    "sapo": {"surrogate": "sapo"},
+}
+
+
+@pytest.mark.parametrize("variant", list(SURROGATE_FIELDS))
+def test_tis_weights_multiply_every_surrogates_per_token_loss(variant):
+    # TIS [2, 0.5]: sample_mean = (2 l + 0.5 l) / 2 = 1.25 l
+    config = config_of(**SURROGATE_FIELDS[variant])
+    pg, metric = reducers([2], config)
+    logp = t64([LN(0.5), LN(0.5)])
+    loss, _ = policy_loss(logp, logp, t64([1.0, 1.0]), pg, metric, config, tis_weights=t64([2.0, 0.5]))
+    assert float(loss) == pytest.approx(1.25 * ON_POLICY_LOSS[variant], rel=1e-12)
+
+
+@pytest.mark.parametrize("variant", list(SURROGATE_FIELDS))
+def test_rs_mask_drops_numerators_of_every_surrogate_but_keeps_the_denominator(variant):
+    # RS rejects token 1: sample_mean = (l + 0) / |o| with |o| = 2 from the pre-RS mask -> l / 2
+    config = config_of(**SURROGATE_FIELDS[variant])
+    pg, metric = reducers([2], config)
+    logp = t64([LN(0.5), LN(0.5)])
+    loss, _ = policy_loss(logp, logp, t64([1.0, 1.0]), pg, metric, config, rs_mask=t64([1.0, 0.0]))
+    assert float(loss) == pytest.approx(0.5 * ON_POLICY_LOSS[variant], rel=1e-12)
