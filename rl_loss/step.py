@@ -27,7 +27,7 @@ class StepBatch:
         loss_masks: per sample a 1-D tensor of length R_i with values in {0, 1}, or one flat tensor
             of length sum(R_i) (samples concatenated). These are the masks **before** rejection sampling
             or truncation edits: every denominator (|o_i|, group totals, T) is counted from them.
-        group_index: prompt group of each sample (samples of one prompt share it); any ints.
+        group_index: prompt group of each sample (samples of one prompt share it); any hashable ints.
             ``None`` is allowed unless aggregation is prompt_mean.
         trajectory_index: agent trajectory of each sample (the segments or turns of one trajectory
             share it); any ints, unique across the step (not restarted per prompt group). ``None`` is
