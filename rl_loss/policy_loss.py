@@ -75,8 +75,9 @@ def policy_loss(
             ``pg_reducer.cp_size > 1``.
 
     Returns:
-        ``(loss, metrics)`` with metrics ``pg_loss``, ``pg_clipfrac``, ``ppo_kl``, ``kl_loss``, ``entropy``
-        (detached except the differentiable loss).
+        ``(loss, metrics)`` with metrics ``pg_loss``, ``pg_clipfrac`` (the share of tokens the surrogate
+        counts as clipped, see :mod:`rl_loss.surrogates`), ``ppo_kl``, ``kl_loss``, ``entropy`` (detached
+        except the differentiable loss).
     """
     n = pg_reducer.num_local_tokens
     for name, value in (("logprobs", logprobs), ("old_logprobs", old_logprobs), ("advantages", advantages),

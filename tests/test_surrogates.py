@@ -322,3 +322,15 @@ def test_rs_mask_drops_numerators_of_every_surrogate_but_keeps_the_denominator(v
     logp = t64([LN(0.5), LN(0.5)])
     loss, _ = policy_loss(logp, logp, t64([1.0, 1.0]), pg, metric, config, rs_mask=t64([1.0, 0.0]))
     assert float(loss) == pytest.approx(0.5 * ON_POLICY_LOSS[variant], rel=1e-12)
+
+
+def test_hand_built_reducer_finds_each_local_values_sample_from_its_index():
+    # samples [2, 0] of a step with R = [2, 3, 1]; local values: sample 2's token (flat 5), then sample 0's
+    # tokens (flat 0, 1): local_sample_index [0, 1, 1]; partial means (v / |o_i|): [7 / 1, (1 + 2) / 2]
+    from rl_loss import TokenReducer
+
+    step = StepBatch(response_lengths=[2, 3, 1], total_lengths=[3, 4, 2], loss_masks=torch.ones(6))
+    reducer = TokenReducer(torch.ones(3, dtype=torch.float64), torch.tensor([5, 0, 1]), step,
+                           samples=torch.tensor([2, 0]))
+    assert reducer.local_sample_index.tolist() == [0, 1, 1]
+    assert reducer.sample_partial_means(t64([7.0, 1.0, 2.0])).tolist() == pytest.approx([7.0, 1.5], rel=1e-12)
