@@ -40,16 +40,16 @@ def first_pass_objective(model: torch.nn.Module, batches: list[dict[str, Any]], 
             samples.append((key, mask, -batch["advantages"][row] * ratio[row]))
     n = len(samples)
     if aggregation == "sample_mean":  # (1/N) sum_i sum_t m l / max(|o_i|, 1)
-        return sum((m * l).sum() / m.sum().clamp_min(1) for _, m, l in samples) / n
+        return sum((m * loss).sum() / m.sum().clamp_min(1) for _, m, loss in samples) / n
     if aggregation == "token_mean":  # sum_{i,t} m l / max(T, 1)
-        return sum((m * l).sum() for _, m, l in samples) / sum(m.sum() for _, m, _ in samples).clamp_min(1)
+        return sum((m * loss).sum() for _, m, loss in samples) / sum(m.sum() for _, m, _ in samples).clamp_min(1)
     if aggregation == "constant":  # sum_{i,t} m l / (N L)
-        return sum((m * l).sum() for _, m, l in samples) / (n * divisor)
+        return sum((m * loss).sum() for _, m, loss in samples) / (n * divisor)
     if aggregation == "prompt_mean":  # (1/P) sum_g [ sum_{i in g} sum_t m l / max(sum_{i in g} |o_i|, 1) ]
         sums: dict[tuple, Tensor] = defaultdict(lambda: torch.zeros(()))
         tokens: dict[tuple, Tensor] = defaultdict(lambda: torch.zeros(()))
-        for key, m, l in samples:
-            sums[key] = sums[key] + (m * l).sum()
+        for key, m, loss in samples:
+            sums[key] = sums[key] + (m * loss).sum()
             tokens[key] = tokens[key] + m.sum()
         return sum(sums[key] / tokens[key].clamp_min(1) for key in sums) / len(sums)
     raise ValueError(f"no reference for aggregation={aggregation!r}")
