@@ -12,7 +12,12 @@ from __future__ import annotations
 
 import copy
 import gc
+import json
+import socket
+import subprocess
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,6 +30,7 @@ from rl_loss import LossConfig
 from rl_loss.integrations.trl import RLLossGRPOTrainer
 from tests.trl_reference import first_pass_objective, reference_gradients, relative_errors
 
+ROOT = Path(__file__).resolve().parent.parent
 RTOL = 1e-6  # float32, per parameter: ||g - g_trl|| / ||g_trl||
 # A sample_mean loss at ratio 1 is -(1/N) sum_i A_i ~ 1e-8 (group advantages sum to 0): compared absolutely.
 LOSS_ATOL = 1e-6
@@ -246,3 +252,20 @@ def test_evaluation_treats_each_eval_batch_as_one_step(tiny):
     assert metrics["eval_pg_loss"] == pytest.approx(sum(objectives) / 2, rel=1e-5, abs=LOSS_ATOL)
     # prompt_mean: each of the P groups' weights sum to 1/P, so sum w = 1
     assert metrics["eval_loss_scale_vs_token_mean"] == pytest.approx(1.0, rel=1e-12)
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_step_objectives_gradient(tmp_path):
+    # DDP on gloo: prompt group 1 straddles the processes (tests/trl_ddp_worker.py)
+    out = tmp_path / "ddp.json"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={port}",
+           "-m", "tests.trl_ddp_worker", str(out)]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    found = json.loads(out.read_text())
+    assert found["groups_in_step"] == 3 and found["groups_on_both_processes"] == 1
+    assert found["prompt_mean_vs_reference"] <= 1e-5
+    assert found["token_mean_vs_trl_dapo"] <= RTOL
