@@ -29,10 +29,19 @@ def test_a_mode_trl_cannot_express_is_rejected_by_name(out):
     assert line.startswith("loss_config.aggregation:") and "'trajectory_mean'" in line and "sample_mean" in line
 
 
-def test_steps_per_generation_must_be_a_multiple_of_accumulation(out):
-    (line,) = problems(out, steps_per_generation=3, gradient_accumulation_steps=2)
-    assert line.startswith("GRPOConfig.steps_per_generation:") and "got steps_per_generation=3" in line
-    assert problems(out, steps_per_generation=4, gradient_accumulation_steps=2) == []
+@pytest.mark.parametrize("loss", [LossConfig(aggregation="token_mean"), LossConfig(aggregation="prompt_mean"),
+                                  LossConfig(custom_pg_reducer="tests.custom_weights:double_sample_mean")])
+def test_a_step_mixing_generations_needs_a_mode_of_local_weights(out, loss):
+    # GA 2 over generations of 1 micro-batch: the second half of a step is not generated when the first trains
+    (line,) = problems(out, loss, steps_per_generation=1, gradient_accumulation_steps=2)
+    assert line.startswith("GRPOConfig.steps_per_generation:") and "got steps_per_generation=1" in line
+    assert problems(out, loss, steps_per_generation=2, gradient_accumulation_steps=2) == []
+
+
+@pytest.mark.parametrize("loss", [LossConfig(aggregation="sample_mean"), LossConfig(aggregation="constant", divisor=6.0)])
+def test_sample_mean_and_constant_accept_any_steps_per_generation(out, loss):
+    assert problems(out, loss, steps_per_generation=1, gradient_accumulation_steps=2) == []
+    assert problems(out, loss, steps_per_generation=3, gradient_accumulation_steps=2) == []
 
 
 def test_prompt_mean_needs_one_optimizer_step_per_generation(out):

@@ -148,11 +148,19 @@ def test_same_loss_and_gradient_as_trl(tiny, mode, batching):
     assert ours.losses == pytest.approx(theirs.losses, rel=RTOL, abs=LOSS_ATOL)
 
 
+GENERATIONS = {
+    # each optimizer step trains on half of a shuffled generation batch
+    "generation over 2 steps": dict(steps_per_generation=2, gradient_accumulation_steps=1),
+    # each optimizer step takes 2 generation batches, the second generated after the first trained
+    "step over 2 generations": dict(steps_per_generation=1, gradient_accumulation_steps=2),
+}
+
+
+@pytest.mark.parametrize("generations", list(GENERATIONS))
 @pytest.mark.parametrize("mode", ["sample_mean=grpo", "constant=dr_grpo"])
-def test_same_gradient_as_trl_when_a_generation_spans_two_steps(tiny, mode):
-    # steps_per_generation=2 with GA=1: each optimizer step trains on half of a shuffled generation batch
+def test_same_gradient_as_trl_whatever_steps_per_generation(tiny, mode, generations):
     loss_type, loss_config = PARITY[mode]
-    settings = dict(steps_per_generation=2, gradient_accumulation_steps=1, per_device_train_batch_size=4, max_steps=2)
+    settings = dict(GENERATIONS[generations], per_device_train_batch_size=4, max_steps=2)
     theirs = train(tiny, loss_type=loss_type, **settings)
     ours = train(tiny, loss_config, **settings)
     assert_same_completions(ours, theirs)
@@ -238,6 +246,17 @@ def test_step_metrics_are_logged_through_trl_with_the_aggregation(tiny):
             entropy = -(logp.exp() * logp).sum(-1)
             per_sample += [float((entropy[r] * mask[r]).sum() / mask[r].sum()) for r in range(mask.size(0))]
     assert logged["entropy"] == pytest.approx(sum(per_sample) / len(per_sample), rel=1e-5)
+
+
+def test_step_figures_add_up_when_a_step_spans_two_generations(tiny):
+    ours = train(tiny, LossConfig(aggregation="constant", divisor=6.0), **GENERATIONS["step over 2 generations"],
+                 per_device_train_batch_size=4)
+    logged = ours.history[0]
+    tokens = sum(float(batch["completion_mask"].sum()) for batch in ours.batches)
+    assert len(ours.batches) == 2 and logged["tokens"] == tokens
+    # constant: sum w = T / (N L) with N = 2 x 4 samples, L = 6
+    assert logged["loss_scale_vs_token_mean"] == pytest.approx(tokens / (8 * 6), rel=1e-6)
+    assert logged["empty_step"] == 0.0 and logged["aggregation"] == "constant"
 
 
 def test_evaluation_treats_each_eval_batch_as_one_step(tiny):

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from rl_loss.config import AGGREGATIONS, LossConfig
+from rl_loss.integrations.trl_steps import LOCAL_MODES
 
 SUPPORTED_AGGREGATIONS: tuple[str, ...] = ("sample_mean", "prompt_mean", "token_mean", "constant")
 """Modes RLLossGRPOTrainer implements; any other mode of :data:`rl_loss.AGGREGATIONS` is rejected."""
@@ -73,21 +74,23 @@ def _aggregation_supported(args: Any, loss: LossConfig) -> str | None:
     return f"loss_config.aggregation: {known} that RLLossGRPOTrainer does not implement (got {mode!r}); {hint}"
 
 
-def _steps_within_one_generation(args: Any, loss: LossConfig) -> str | None:
+def _step_masks_available(args: Any, loss: LossConfig) -> str | None:
     spg, ga = args.steps_per_generation, args.gradient_accumulation_steps
-    if spg % ga == 0:
+    needs_all_masks = loss.custom_pg_reducer is not None or loss.aggregation not in LOCAL_MODES
+    if spg % ga == 0 or not needs_all_masks:
         return None
+    mode = "custom_pg_reducer" if loss.custom_pg_reducer is not None else f"aggregation={loss.aggregation}"
     return (
-        f"GRPOConfig.steps_per_generation: an optimizer step of gradient_accumulation_steps={ga} micro-batches would "
-        f"mix completions of two generation batches of {spg} micro-batches, so its denominators would depend on "
-        f"completions not generated yet (got steps_per_generation={spg}); set steps_per_generation to a multiple of "
-        f"gradient_accumulation_steps, e.g. {ga} (TRL's default)"
+        f"GRPOConfig.steps_per_generation: an optimizer step of gradient_accumulation_steps={ga} micro-batches mixes "
+        f"generation batches of {spg} micro-batches, so {mode} would need the loss masks of completions not "
+        f"generated yet (got steps_per_generation={spg}); set steps_per_generation to a multiple of "
+        f"gradient_accumulation_steps, e.g. {ga} (TRL's default), or use sample_mean or constant"
     )
 
 
 def _prompt_groups_within_one_step(args: Any, loss: LossConfig) -> str | None:
     spg, ga = args.steps_per_generation, args.gradient_accumulation_steps
-    if loss.aggregation != "prompt_mean" or spg == ga:
+    if loss.aggregation != "prompt_mean" or spg == ga or spg % ga:  # (spg % ga: _step_masks_available says it)
         return None
     return (
         f"GRPOConfig.steps_per_generation: with aggregation=prompt_mean a prompt group must lie in one optimizer step, "
@@ -238,7 +241,7 @@ def _advantages_agree(args: Any, loss: LossConfig) -> str | None:
 
 RULES: tuple[Callable[[Any, LossConfig], str | None], ...] = (
     _aggregation_supported,
-    _steps_within_one_generation,
+    _step_masks_available,
     _prompt_groups_within_one_step,
     _loss_type_agrees,
     _clip_range_agrees,
