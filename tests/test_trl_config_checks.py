@@ -84,6 +84,11 @@ def test_delta_is_accepted_only_as_the_same_dual_clip(out):
     assert problems(out, LossConfig(eps_clip_c=3.0), delta=3.0) == []
 
 
+def test_parameters_of_trls_own_surrogates_are_rejected(out):
+    (line,) = problems(out, sapo_temperature_pos=2.0)
+    assert line.startswith("GRPOConfig.sapo_temperature_pos:") and "got 2.0" in line
+
+
 def test_sequence_level_ratio_needs_the_loss_configs_ratio_level(out):
     (line,) = problems(out, LossConfig(), importance_sampling_level="sequence")
     assert line.startswith("GRPOConfig.importance_sampling_level:") and "'sequence'" in line

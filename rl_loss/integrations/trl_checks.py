@@ -156,12 +156,25 @@ def _dual_clip_agrees(args: Any, loss: LossConfig) -> str | None:
 
 def _ratio_level_agrees(args: Any, loss: LossConfig) -> str | None:
     ours = getattr(loss, "ratio_level", "token")
-    if args.importance_sampling_level == ours:
+    if _is_default(args, "importance_sampling_level") or args.importance_sampling_level == ours:
         return None
     return (
         f"GRPOConfig.importance_sampling_level: must equal loss_config's ratio level ({ours}), which decides the "
         f"ratio (got importance_sampling_level={args.importance_sampling_level!r}); set it to {ours!r}"
     )
+
+
+def _no_trl_surrogate_parameters(args: Any, loss: LossConfig) -> str | None:
+    # read only by TRL's own sapo / vespo losses; rl-loss takes a surrogate's parameters from loss_config
+    names = ("sapo_temperature_pos", "sapo_temperature_neg", "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg",
+             "vespo_lambda_neg")
+    problems = [
+        f"GRPOConfig.{name}: a parameter of TRL's own loss, which RLLossGRPOTrainer replaces (got {getattr(args, name)}); "
+        "leave it at its default and set the surrogate's parameters in loss_config"
+        for name in names
+        if not _is_default(args, name)
+    ]
+    return "\n".join(problems) or None
 
 
 def _kl_coef_is_beta(args: Any, loss: LossConfig) -> str | None:
@@ -247,6 +260,7 @@ RULES: tuple[Callable[[Any, LossConfig], str | None], ...] = (
     _clip_range_agrees,
     _dual_clip_agrees,
     _ratio_level_agrees,
+    _no_trl_surrogate_parameters,
     _kl_coef_is_beta,
     _kl_without_bias_correction,
     _entropy_from_loss_config,
