@@ -120,13 +120,20 @@ def test_trl_only_token_edits_are_rejected(out, field, value):
     assert line.startswith(f"GRPOConfig.{field}:") and str(value) in line
 
 
-def test_explicit_advantage_settings_must_match_trls(out):
+def test_advantage_settings_that_are_set_must_match_trls(out):
     (estimator,) = problems(out, LossConfig(advantage_estimator="drgrpo"))
     assert estimator.startswith("loss_config.advantage_estimator:") and "scale_rewards='none'" in estimator
     assert problems(out, LossConfig(advantage_estimator="drgrpo"), scale_rewards="none") == []
-    (eps,) = problems(out, LossConfig(advantage_eps=1e-6))
+    (eps,) = problems(out, LossConfig(advantage_eps=1e-5))
     assert eps.startswith("loss_config.advantage_eps:") and "0.0001" in eps
     assert problems(out, LossConfig(advantage_eps=1e-4)) == []
+
+
+def test_loss_fields_at_their_defaults_count_as_unset(out):
+    # a Hydra-composed loss node sets every field, most of them to their defaults
+    every_field = LossConfig.model_validate(LossConfig().model_dump(by_alias=True))
+    assert "advantage_eps" in every_field.model_fields_set
+    assert problems(out, every_field, scale_rewards="none") == []
 
 
 def test_every_problem_is_one_line_of_one_error(out):

@@ -5,7 +5,7 @@ read is accepted when it is left at TRL's default (the loss config decides) or w
 thing as the loss config; any other value would be silently ignored or contradict the loss config,
 so it is rejected when the trainer is built, one line per problem naming the field, the value and the
 fix. TRL keeps what is TRL's: generation, rewards and advantages (``scale_rewards``), so the loss
-config's advantage fields, when given explicitly, must agree with it.
+config's advantage fields, when set to other values than their defaults, must agree with it.
 
 This module reads the GRPOConfig as a plain object (its dataclass defaults); it does not import trl.
 """
@@ -234,17 +234,21 @@ def _no_trl_only_token_edits(args: Any, loss: LossConfig) -> str | None:
     return "\n".join(problems) or None
 
 
+def _given(loss: LossConfig, name: str) -> bool:
+    """Was ``name`` set to a value other than its default? (A Hydra-composed loss node sets every field.)"""
+    return name in loss.model_fields_set and getattr(loss, name) != type(loss).model_fields[name].default
+
+
 def _advantages_agree(args: Any, loss: LossConfig) -> str | None:
     problems = []
-    explicit = loss.model_fields_set
     wanted = SCALE_REWARDS.get(loss.advantage_estimator)
-    if "advantage_estimator" in explicit and wanted != args.scale_rewards:
+    if _given(loss, "advantage_estimator") and wanted != args.scale_rewards:
         fix = f"set scale_rewards={wanted!r}" if wanted else "drop loss_config.advantage_estimator"
         problems.append(
             f"loss_config.advantage_estimator: TRL computes the advantages, with scale_rewards={args.scale_rewards!r} "
             f"(got advantage_estimator={loss.advantage_estimator!r}); {fix}"
         )
-    if "advantage_eps" in explicit and not _same(loss.advantage_eps, TRL_ADVANTAGE_EPS):
+    if _given(loss, "advantage_eps") and not _same(loss.advantage_eps, TRL_ADVANTAGE_EPS):
         problems.append(
             f"loss_config.advantage_eps: TRL adds a fixed {TRL_ADVANTAGE_EPS} to the reward std "
             f"(got advantage_eps={loss.advantage_eps}); drop it"
