@@ -186,12 +186,11 @@ def group_seeds(runs: Sequence[Run]) -> tuple[list[SeedGroup], list[str], list[s
     labels = []
     for members in member_lists:
         first = members[0]
-        own = [o for o in first.overrides if o not in shared or len(member_lists) == 1]
+        own = [o for o in first.overrides if o not in shared] or first.overrides  # all shared: say them all
         label = " ".join(own) if own else ("defaults" if first.recipe else first.folder.name)
         labels.append(label)
-    for i, members in enumerate(member_lists):
-        if labels.count(labels[i]) > 1:
-            labels[i] = f"{labels[i]} [{members[0].source}]"
+    labels = [f"{label} [{members[0].source}]" if labels.count(label) > 1 else label
+              for label, members in zip(labels, member_lists, strict=True)]
     groups, problems = [], []
     for label, members in zip(labels, member_lists, strict=True):
         common = sorted(set.intersection(*(set(r.steps) for r in members)))
