@@ -60,7 +60,7 @@ sweep: $(STAMP)
 # README's figure and table: the sweep above into a fixed folder, reported into docs/sweep.{png,md}.
 docs-sweep: $(STAMP)
 	rm -rf multirun/docs-sweep
-	$(MAKE) sweep SWEEP_DIR=multirun/docs-sweep REPORT_ARGS="--out docs --name sweep"
+	$(MAKE) sweep SWEEP_DIR=multirun/docs-sweep REPORT_ARGS="--out docs --name sweep --metrics grad_norm,entropy"
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache .hypothesis

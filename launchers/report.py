@@ -68,12 +68,21 @@ def group_figures(group: SeedGroup) -> dict[str, Interval]:
     }
 
 
-def markdown_table(groups: Sequence[SeedGroup]) -> str:
-    """One row per config: seeds, steps, last-quarter reward, gain, last-quarter length, loss scale."""
+def _metric_cell(group: SeedGroup, metric: str) -> str:
+    """Last-quarter mean of ``metric`` ± its interval across seeds, 3 significant digits."""
+    interval = mean_interval([quarter_means(r)[1] for r in group.per_run(metric)])
+    if not interval.n:
+        return "-"
+    return f"{interval.mean:.3g} ± {interval.half_width:.2g}" if interval.defined else f"{interval.mean:.3g}"
+
+
+def markdown_table(groups: Sequence[SeedGroup], metrics: Sequence[str] = ()) -> str:
+    """One row per config: seeds, steps, last-quarter reward, gain, last-quarter length, loss scale, ``metrics``."""
     head = (
         "| config | aggregation | seeds | steps | reward, last quarter | gain (last - first quarter) | "
-        "response length, last quarter | loss_scale_vs_token_mean |\n"
-        "|---|---|---|---:|---:|---:|---:|---:|\n"
+        "response length, last quarter | loss_scale_vs_token_mean |"
+        + "".join(f" {m}, last quarter |" for m in metrics)
+        + "\n|---|---|---|---:|---:|---:|---:|---:|" + "---:|" * len(metrics) + "\n"
     )
     rows = []
     for group in groups:
@@ -84,6 +93,7 @@ def markdown_table(groups: Sequence[SeedGroup]) -> str:
         rows.append(
             f"| {group.label} | {aggregation} | {_seeds_cell(group)} | {len(group.steps)} | "
             f"{_fmt(fig['reward_last'], 3)} | {_fmt(fig['gain'], 3, signed=True)} | {length} | {scale} |"
+            + "".join(f" {_metric_cell(group, m)} |" for m in metrics)
         )
     return head + "\n".join(rows) + "\n"
 
@@ -227,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = args.out or runs[0].source
     out.mkdir(parents=True, exist_ok=True)
-    text = markdown_table(groups)
+    text = markdown_table(groups, metrics)
     if len(groups) > 1:
         text += "\n" + difference_table(groups, baseline)
     text += "\n" + notes(groups, shared, args.smooth)

@@ -132,8 +132,7 @@ class Progress:
 
             self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
         self._every = max(total // 20, 1)
-        self._initial = initial
-        self._started = time.monotonic()
+        self._first: tuple[int, float] | None = None  # (step, time) of the first update: rates start there
 
     def fields(self, record: dict[str, Any]) -> dict[str, str]:
         """The step's figures as short ``name: text`` pairs."""
@@ -147,9 +146,12 @@ class Progress:
         return short
 
     def rate_and_eta(self, step: int) -> tuple[float, float]:
-        """Steps per second since this process started, and the seconds left at that rate."""
-        done = step - self._initial
-        elapsed = time.monotonic() - self._started
+        """Steps per second since the first step this process took (the first step's one-off start-up
+        costs left out), and the seconds left at that rate; NaN at the first step."""
+        now = time.monotonic()
+        if self._first is None:
+            self._first = (step, now)
+        done, elapsed = step - self._first[0], now - self._first[1]
         rate = done / elapsed if done > 0 and elapsed > 0 else float("nan")
         return rate, (self.total - step) / rate if rate > 0 else float("nan")
 
@@ -158,14 +160,15 @@ class Progress:
         if not self.enabled:
             return
         short = self.fields(record)
+        rate, eta = self.rate_and_eta(record["step"])
         if self._bar is not None:
             self._bar.set_postfix(short, refresh=False)
             self._bar.update(1)
         elif record["step"] % self._every == 0 or record["step"] == 1 or record["step"] == self.total:
-            rate, eta = self.rate_and_eta(record["step"])
-            timing = "" if math.isnan(rate) else f"{rate:.2f} step/s  ETA {format_duration(eta)}"
-            log.info("step %d/%d  %s  %s", record["step"], self.total,
-                     "  ".join(f"{k}={v}" for k, v in short.items()), timing)
+            parts = [f"step {record['step']}/{self.total}", *(f"{k}={v}" for k, v in short.items())]
+            if not math.isnan(rate):
+                parts += [f"{rate:.2f} step/s", f"ETA {format_duration(eta)}"]
+            log.info("%s", "  ".join(parts))
 
     def close(self) -> None:
         """Close the bar."""

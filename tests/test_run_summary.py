@@ -124,6 +124,7 @@ def test_progress_log_line_has_rate_and_time_left(caplog):
             progress.update(step_record(step))
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 4
+    assert lines[0] == "step 1/4  reward=0.250  len=4.5  ent=2.125  gn=0.875"  # no rate before a second step
     assert re.fullmatch(r"step 2/4  reward=0\.250  len=4\.5  ent=2\.125  gn=0\.875  [\d.]+ step/s  ETA \S+", lines[1])
     assert lines[-1].endswith("ETA 0s")
 

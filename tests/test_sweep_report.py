@@ -183,7 +183,10 @@ def test_unknown_metric_gets_one_line_and_known_ones_are_drawn(sweep, tmp_path, 
     err = capsys.readouterr().err
     assert err.startswith("--metrics: no run logged 'nope' as a number; not drawn (available: entropy, grad_norm,")
     assert (tmp_path / "o" / "cmp.png").read_bytes()[:8] == PNG
-    assert (tmp_path / "o" / "cmp.md").exists()
+    table = (tmp_path / "o" / "cmp.md").read_text()
+    assert "| loss_scale_vs_token_mean | entropy, last quarter | grad_norm, last quarter |" in table
+    # every step of every seed logs entropy 2.0 and grad_norm 1.0: no spread across seeds
+    assert table_rows(table)[0].endswith("| 1 | 2 ± 0 | 1 ± 0 |")
 
 
 def test_baseline_chooses_the_config_differences_are_taken_against(sweep):
