@@ -26,6 +26,7 @@ class Workload:
     response_lengths: list[int]
     total_lengths: list[int]
     group_index: list[int]
+    trajectory_index: list[int]
     mask_flat: Tensor  # float32, length sum R_i
     mask_list: list[Tensor]  # separate tensors, one per sample
     divisor: float  # L for constant: the longest response of the step
@@ -44,7 +45,8 @@ def make_workload(tokens: int, num_samples: int, *, group_size: int = 8, seed: i
 
     Masks: a quarter of the samples truncated (tail masked), 2% of the other tokens masked (rejection
     sampling), and sample 1 fully masked (an empty sample still counts as one of the N samples).
-    Prompt groups of ``group_size`` consecutive samples; prompts of 16 to 512 tokens.
+    Prompt groups of ``group_size`` consecutive samples; agent trajectories of two consecutive samples
+    (segments) inside each group; prompts of 16 to 512 tokens.
     """
     if tokens < num_samples:
         raise ValueError(f"--tokens={tokens} must be at least the number of samples ({num_samples})")
@@ -73,6 +75,7 @@ def make_workload(tokens: int, num_samples: int, *, group_size: int = 8, seed: i
         response_lengths=lengths.tolist(),
         total_lengths=(lengths + prompts).tolist(),
         group_index=[i // group_size for i in range(num_samples)],
+        trajectory_index=[(i // group_size) * group_size + (i % group_size) // 2 for i in range(num_samples)],
         mask_flat=mask_flat,
         mask_list=mask_list,
         divisor=float(lengths.max()),
@@ -89,11 +92,12 @@ def sample_scales(work: Workload, aggregation: str) -> Tensor:
         return torch.full((n,), 1.0 / max(float(counts.sum()), 1.0), dtype=torch.float64)
     if aggregation == "constant":
         return torch.full((n,), 1.0 / (n * work.divisor), dtype=torch.float64)
-    if aggregation == "prompt_mean":
-        groups: dict[int, float] = {}
-        for g, c in zip(work.group_index, counts.tolist(), strict=True):
-            groups[g] = groups.get(g, 0.0) + c
-        return torch.tensor([1.0 / (len(groups) * max(groups[g], 1.0)) for g in work.group_index], dtype=torch.float64)
+    if aggregation in ("prompt_mean", "trajectory_mean"):
+        units_of = work.group_index if aggregation == "prompt_mean" else work.trajectory_index
+        units: dict[int, float] = {}
+        for u, c in zip(units_of, counts.tolist(), strict=True):
+            units[u] = units.get(u, 0.0) + c
+        return torch.tensor([1.0 / (len(units) * max(units[u], 1.0)) for u in units_of], dtype=torch.float64)
     raise ValueError(f"unknown aggregation {aggregation!r}")
 
 

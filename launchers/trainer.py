@@ -180,6 +180,7 @@ class Trainer:
             total_lengths=[ro.total_lengths[i] for i in samples],
             loss_masks=[ro.loss_masks[i] for i in samples],
             group_index=[ro.group_index[i] for i in samples],
+            trajectory_index=list(samples),  # every sample is its own trajectory: trajectory_mean = sample_mean
         )
         old = torch.cat([ro.old_logprobs[i] for i in samples])
         ref = torch.cat([ro.ref_logprobs[i] for i in samples]) if ro.ref_logprobs is not None else None

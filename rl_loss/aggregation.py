@@ -42,9 +42,28 @@ def _prompt_mean_scale(step: StepBatch, divisor: float | None) -> Tensor:
             "group_index is required with aggregation=prompt_mean: pass the prompt group of every sample to "
             "StepBatch (got group_index=None)"
         )
-    group_tokens = torch.zeros(step.num_groups, dtype=torch.float64)
-    group_tokens.index_add_(0, step.group_ids, step.sample_tokens())
-    return 1.0 / (step.num_groups * group_tokens.clamp_min(1))[step.group_ids]
+    return _unit_mean_scale(step, step.group_ids, step.num_groups)
+
+
+def _trajectory_mean_scale(step: StepBatch, divisor: float | None) -> Tensor:
+    """trajectory_mean (agent rollouts, miles #1927): J = (1/Q) * sum_q [ sum_{i in q} sum_t m*l / max(sum_{i in q} |o_i|, 1) ].
+
+    ->  c_i = 1 / (Q * max(G_q(i), 1)), G_q = masked tokens of trajectory q over the whole step, Q = trajectories.
+    """
+    if step.trajectory_ids is None:
+        raise ValueError(
+            "trajectory_index is required with aggregation=trajectory_mean: pass the trajectory of every sample "
+            "to StepBatch, e.g. the sample's own number when each sample is a whole trajectory "
+            "(got trajectory_index=None)"
+        )
+    return _unit_mean_scale(step, step.trajectory_ids, step.num_trajectories)
+
+
+def _unit_mean_scale(step: StepBatch, unit_ids: Tensor, num_units: int) -> Tensor:
+    """Per-sample 1 / (K * max(unit tokens, 1)) for samples pooled into K units (groups or trajectories)."""
+    unit_tokens = torch.zeros(num_units, dtype=torch.float64)
+    unit_tokens.index_add_(0, unit_ids, step.sample_tokens())
+    return 1.0 / (num_units * unit_tokens.clamp_min(1))[unit_ids]
 
 
 def _token_mean_scale(step: StepBatch, divisor: float | None) -> Tensor:
@@ -60,6 +79,7 @@ def _constant_scale(step: StepBatch, divisor: float | None) -> Tensor:
 SAMPLE_SCALES: dict[str, Callable[[StepBatch, float | None], Tensor]] = {
     "sample_mean": _sample_mean_scale,
     "prompt_mean": _prompt_mean_scale,
+    "trajectory_mean": _trajectory_mean_scale,
     "token_mean": _token_mean_scale,
     "constant": _constant_scale,
 }

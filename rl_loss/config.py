@@ -17,8 +17,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from typing_extensions import Self
 
-Aggregation = Literal["sample_mean", "prompt_mean", "token_mean", "constant"]
-AGGREGATIONS: tuple[str, ...] = ("sample_mean", "prompt_mean", "token_mean", "constant")
+Aggregation = Literal["sample_mean", "prompt_mean", "token_mean", "constant", "trajectory_mean"]
+AGGREGATIONS: tuple[str, ...] = ("sample_mean", "prompt_mean", "token_mean", "constant", "trajectory_mean")
 KlEstimator = Literal["k1", "k2", "k3"]
 AdvantageEstimator = Literal["grpo", "drgrpo"]
 
@@ -64,7 +64,7 @@ class LossConfig(BaseModel):
     """Hydra's builder of the reducer factory; always rl_loss.build_reducer_factory."""
 
     aggregation: Aggregation = "sample_mean"
-    """How pg_loss is averaged over a step: sample_mean (GRPO) | prompt_mean (ScaleRL) | token_mean (DAPO) | constant (Dr.GRPO)."""
+    """How pg_loss is averaged over a step: sample_mean (GRPO) | prompt_mean (ScaleRL) | token_mean (DAPO) | constant (Dr.GRPO) | trajectory_mean (agent trajectories of several samples)."""
 
     divisor: float | None = None
     """L of Dr.GRPO: pg_loss = masked token sum / (N * L), N = samples per step. Only with aggregation=constant."""
@@ -143,7 +143,7 @@ class LossConfig(BaseModel):
 
     @model_validator(mode="after")
     def _per_token_flag_keeps_mode(self) -> Self:
-        if self.calculate_per_token_loss and self.aggregation in ("constant", "prompt_mean"):
+        if self.calculate_per_token_loss and self.aggregation in ("constant", "prompt_mean", "trajectory_mean"):
             raise ValueError(
                 f"calculate_per_token_loss: Megatron would renormalise pg_loss by the token count and erase "
                 f"the {self.aggregation} denominators (got true with aggregation={self.aggregation}); "

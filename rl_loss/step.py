@@ -29,15 +29,24 @@ class StepBatch:
             or truncation edits: every denominator (|o_i|, group totals, T) is counted from them.
         group_index: prompt group of each sample (samples of one prompt share it); any hashable ints.
             ``None`` is allowed unless aggregation is prompt_mean.
+        trajectory_index: agent trajectory of each sample (the segments or turns of one trajectory
+            share it); any ints, unique across the step (not restarted per prompt group). ``None`` is
+            allowed unless aggregation is trajectory_mean. With group_index given too, every
+            trajectory must lie within one prompt group.
+
+    One StepBatch is one optimizer step, and it must hold **whole** prompt groups (prompt_mean) and
+    whole trajectories (trajectory_mean): their denominators are counted over the samples given here,
+    so a group or trajectory split over two steps would be averaged twice, each half on its own.
 
     Raises:
-        ValueError: naming the argument and value for inconsistent lengths, masks or groups.
+        ValueError: naming the argument and value for inconsistent lengths, masks, groups or trajectories.
     """
 
     response_lengths: Sequence[int] | Tensor
     total_lengths: Sequence[int] | Tensor
     loss_masks: Sequence[Tensor] | Tensor
     group_index: Sequence[int] | Tensor | None = None
+    trajectory_index: Sequence[int] | Tensor | None = None
     _cache: dict[Any, Any] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -64,7 +73,9 @@ class StepBatch:
             )
         self.mask_flat = self._flatten_masks()
         self.response_offsets = torch.cumsum(self.response_lengths_t, 0) - self.response_lengths_t
-        self.group_ids, self.num_groups = self._dense_groups()
+        self.group_ids, self.num_groups = self._dense_ids("group_index", self.group_index)
+        self.trajectory_ids, self.num_trajectories = self._dense_ids("trajectory_index", self.trajectory_index)
+        self._check_trajectories_within_groups()
 
     @property
     def num_samples(self) -> int:
@@ -131,13 +142,36 @@ class StepBatch:
             raise ValueError(f"loss_masks[{i}][{t}] must be 0 or 1 (got {float(flat[pos])})")
         return flat
 
-    def _dense_groups(self) -> tuple[Tensor | None, int]:
-        if self.group_index is None:
+    def _dense_ids(self, name: str, values: Sequence[int] | Tensor | None) -> tuple[Tensor | None, int]:
+        """Ids of ``name`` renumbered 0..K-1 (in sorted order of the given ids), and K."""
+        if values is None:
             return None, 0
-        groups = _as_lengths("group_index", self.group_index)
-        if groups.numel() != self.num_samples:
+        ids = _as_lengths(name, values)
+        if ids.numel() != self.num_samples:
             raise ValueError(
-                f"group_index has {groups.numel()} entries but there are {self.num_samples} samples; give one per sample"
+                f"{name} has {ids.numel()} entries but there are {self.num_samples} samples; give one per sample"
             )
-        unique, dense = torch.unique(groups, return_inverse=True)
+        unique, dense = torch.unique(ids, return_inverse=True)
         return dense, unique.numel()
+
+    def _check_trajectories_within_groups(self) -> None:
+        # A trajectory is rolled out from one prompt. Ids restarted in every prompt group (0, 1, ... per
+        # group) would silently merge trajectories of different prompts into one averaging unit.
+        if self.group_ids is None or self.trajectory_ids is None:
+            return
+        lowest = torch.full((self.num_trajectories,), self.num_groups, dtype=torch.long)
+        lowest.scatter_reduce_(0, self.trajectory_ids, self.group_ids, reduce="amin")
+        highest = torch.full((self.num_trajectories,), -1, dtype=torch.long)
+        highest.scatter_reduce_(0, self.trajectory_ids, self.group_ids, reduce="amax")
+        mixed = torch.nonzero((lowest != highest)[self.trajectory_ids])
+        if mixed.numel():
+            first = int(mixed[0])  # the first sample of the first mixed trajectory
+            same = self.trajectory_ids == self.trajectory_ids[first]
+            other = int(torch.nonzero(same & (self.group_ids != self.group_ids[first]))[0])
+            q = int(_as_lengths("trajectory_index", self.trajectory_index)[first])
+            groups = _as_lengths("group_index", self.group_index)
+            raise ValueError(
+                f"trajectory_index: trajectory {q} spans prompt groups {int(groups[first])} (sample {first}) and "
+                f"{int(groups[other])} (sample {other}); a trajectory comes from one prompt, so number trajectories "
+                "uniquely across the step (e.g. the sample's rollout index), not restarting in each group"
+            )

@@ -1,4 +1,4 @@
-"""The four aggregation modes (SPEC §2) against hand-worked numbers.
+"""The aggregation modes (SPEC §2, §2b) against hand-worked numbers.
 
 Every expected number is worked out by hand from the SPEC formula in the comment beside it.
 
@@ -27,18 +27,20 @@ EXAMPLE_GROUPS = [0, 0, 1]
 DIVISOR = 10.0
 
 
-def make_step(masks, groups=None, prompt_length=2):
+def make_step(masks, groups=None, prompt_length=2, trajectories=None):
     lengths = [len(m) for m in masks]
     return StepBatch(
         response_lengths=lengths,
         total_lengths=[r + prompt_length for r in lengths],
         loss_masks=[torch.tensor(m, dtype=torch.float64) for m in masks],
         group_index=groups,
+        trajectory_index=trajectories,
     )
 
 
 def example_step():
-    return make_step(EXAMPLE_MASKS, EXAMPLE_GROUPS)
+    # each sample its own trajectory (as in the launcher), so every mode can reduce the running example
+    return make_step(EXAMPLE_MASKS, EXAMPLE_GROUPS, trajectories=[0, 1, 2])
 
 
 def values_of(samples, per_sample_values=EXAMPLE_VALUES, dtype=torch.float64):
@@ -169,6 +171,84 @@ def test_prompt_mean_fully_masked_sample_adds_no_token_to_its_group():
     assert whole_step_objective(factory_for("prompt_mean"), step, WITH_EMPTY_VALUES) == pytest.approx(4.5, rel=1e-12)
 
 
+# --- trajectory_mean (SPEC §2b) ------------------------------------------------------------------
+# The running example's values and masks as two agent trajectories: trajectory 7 = samples {0, 2}
+# (two segments), trajectory 4 = sample {1}; no prompt groups. Q = 2.
+#   trajectory 7: (6 + 6) / (3 + 1) = 3;   trajectory 4: 9 / 2 = 4.5
+
+
+def trajectory_step(masks=EXAMPLE_MASKS, trajectories=(7, 4, 7)):
+    return make_step(masks, trajectories=list(trajectories))
+
+
+def test_trajectory_mean_averages_trajectory_token_means_over_trajectories():
+    # (1/Q) * (3 + 4.5) = 7.5 / 2 = 3.75  (sample_mean 25/6, token_mean 3.5: each differs)
+    assert whole_step_objective(factory_for("trajectory_mean"), trajectory_step()) == pytest.approx(3.75, rel=1e-12)
+
+
+def test_trajectory_mean_pools_a_trajectorys_tokens_before_averaging():
+    # per-token weights: c = 1 / (Q * G_q): trajectory 7 -> 1 / (2 * 4) = 1/8 on its 4 active tokens,
+    # trajectory 4 -> 1 / (2 * 2) = 1/4 on its 2; masked tokens 0
+    weights = factory_for("trajectory_mean").token_weights(trajectory_step())
+    expected = [[1 / 8, 1 / 8, 1 / 8, 0.0], [1 / 4, 1 / 4], [1 / 8, 0.0, 0.0]]
+    assert [w.tolist() for w in weights] == [pytest.approx(e, rel=1e-12) for e in expected]
+
+
+def test_trajectory_mean_divides_by_number_of_trajectories_not_samples():
+    # the sum of trajectory means is 7.5: / Q = 2 gives 3.75, / N = 3 would give 2.5
+    objective = whole_step_objective(factory_for("trajectory_mean"), trajectory_step())
+    assert objective == pytest.approx(7.5 / 2, rel=1e-12)
+    assert objective != pytest.approx(7.5 / 3, rel=1e-6)
+
+
+def test_trajectory_split_across_micro_batches_keeps_trajectory_denominator():
+    # micro-batch A = [0]: 6 / (Q * 4) = 0.75;  micro-batch B = [2, 1]: 6 / 8 + 9 / (2 * 2) = 0.75 + 2.25 = 3.0
+    # (trajectory 7 keeps its 4 step-level tokens in both); A + B = 3.75 = J
+    factory, step = factory_for("trajectory_mean"), trajectory_step()
+    part_a = float(factory.pg_reducer(step, sample_indices=[0])(values_of([0])))
+    part_b = float(factory.pg_reducer(step, sample_indices=[2, 1])(values_of([2, 1])))
+    assert part_a == pytest.approx(0.75, rel=1e-12)
+    assert part_b == pytest.approx(3.0, rel=1e-12)
+    assert part_a + part_b == pytest.approx(3.75, rel=1e-12)
+
+
+def test_trajectory_mean_with_one_sample_per_trajectory_is_sample_mean():
+    # Q = N and G_q = |o_i|: (1/3) * (6/3 + 9/2 + 6/1) = 25/6, as sample_mean
+    step = trajectory_step(trajectories=(10, 20, 30))
+    assert whole_step_objective(factory_for("trajectory_mean"), step) == pytest.approx(25 / 6, rel=1e-12)
+
+
+def test_trajectory_mean_fully_masked_segment_adds_no_token_to_its_trajectory():
+    # sample 3 ([7, 7], mask [0, 0]) joins trajectory 4: (9 + 0) / (2 + 0) = 4.5 -> J = (3 + 4.5) / 2 = 3.75
+    # (a phantom token would make it 9 / 3 = 3 and J = 3)
+    step = trajectory_step(WITH_EMPTY_MASKS, trajectories=(7, 4, 7, 4))
+    objective = whole_step_objective(factory_for("trajectory_mean"), step, WITH_EMPTY_VALUES)
+    assert objective == pytest.approx(3.75, rel=1e-12)
+
+
+def test_trajectory_mean_fully_masked_trajectory_still_counts_in_q():
+    # sample 3 alone in trajectory 9 with no active token: Q = 3 -> (3 + 4.5 + 0) / 3 = 2.5
+    step = trajectory_step(WITH_EMPTY_MASKS, trajectories=(7, 4, 7, 9))
+    objective = whole_step_objective(factory_for("trajectory_mean"), step, WITH_EMPTY_VALUES)
+    assert objective == pytest.approx(2.5, rel=1e-12)
+
+
+def test_trajectory_mean_loss_scale_counts_trajectories_with_tokens():
+    # sum w = sum over trajectories of (1/Q) * G_q / max(G_q, 1): Q = 3 with one empty trajectory -> 2/3
+    step = trajectory_step(WITH_EMPTY_MASKS, trajectories=(7, 4, 7, 9))
+    scale = factory_for("trajectory_mean").step_metrics(step)["loss_scale_vs_token_mean"]
+    assert scale == pytest.approx(2 / 3, rel=1e-12)
+
+
+def test_trajectory_mean_ignores_prompt_groups():
+    # the same trajectories inside one prompt group (0) or two (the trajectories' own): J = 3.75 either way
+    factory = factory_for("trajectory_mean")
+    one_group = make_step(EXAMPLE_MASKS, groups=[0, 0, 0], trajectories=[7, 4, 7])
+    own_groups = make_step(EXAMPLE_MASKS, groups=[1, 2, 1], trajectories=[7, 4, 7])
+    assert whole_step_objective(factory, one_group) == pytest.approx(3.75, rel=1e-12)
+    assert whole_step_objective(factory, own_groups) == pytest.approx(3.75, rel=1e-12)
+
+
 # --- all-masked step ---------------------------------------------------------------------------------
 
 
@@ -177,7 +257,7 @@ def test_all_masked_step_gives_zero_objective_zero_gradient_and_warning(aggregat
     # every mask entry 0: every numerator is 0 and max(., 1) keeps denominators >= 1 -> J = 0, dJ/dl = 0
     factory = factory_for(aggregation)
     with pytest.warns(EmptyStepWarning):
-        step = make_step([[0, 0, 0], [0, 0]], [0, 1])
+        step = make_step([[0, 0, 0], [0, 0]], [0, 1], trajectories=[0, 1])
         reducer = factory.pg_reducer(step)
     values = torch.tensor([1.0, -2.0, 3.0, 4.0, 5.0], dtype=torch.float64, requires_grad=True)
     objective = reducer(values)
@@ -199,8 +279,9 @@ def test_identical_samples_give_same_objective_in_every_mode_when_divisor_is_sam
     # 3 identical samples (groups 0, 0, 1), values [1, 2, 3, 4, 99], mask [1, 1, 1, 1, 0]: |o_i| = 4 = L
     # sample_mean: (1/3) * 3 * 10/4 = 2.5;  prompt_mean: (20/8 + 10/4) / 2 = 2.5
     # token_mean: 30 / 12 = 2.5;           constant: 30 / (3 * 4) = 2.5
+    # trajectory_mean (trajectories {0, 1}, {2}): (20/8 + 10/4) / 2 = 2.5
     values = [[1.0, 2.0, 3.0, 4.0, 99.0]] * 3
-    step = make_step([[1, 1, 1, 1, 0]] * 3, [0, 0, 1])
+    step = make_step([[1, 1, 1, 1, 0]] * 3, [0, 0, 1], trajectories=[5, 5, 6])
     assert whole_step_objective(factory_for(aggregation, divisor=4.0), step, values) == pytest.approx(2.5, rel=1e-12)
 
 
@@ -255,10 +336,10 @@ def test_token_mean_sets_per_token_flag():
     assert LossConfig(aggregation="token_mean").calculate_per_token_loss is True
 
 
-@pytest.mark.parametrize("aggregation", ["constant", "prompt_mean"])
-def test_per_token_flag_with_constant_or_prompt_mean_is_rejected(aggregation):
+@pytest.mark.parametrize("aggregation", ["constant", "prompt_mean", "trajectory_mean"])
+def test_per_token_flag_with_constant_prompt_mean_or_trajectory_mean_is_rejected(aggregation):
     divisor = DIVISOR if aggregation == "constant" else None
-    with pytest.raises(ValueError, match="calculate_per_token_loss"):
+    with pytest.raises(ValueError, match=rf"calculate_per_token_loss: .*erase the {aggregation} denominators"):
         LossConfig(aggregation=aggregation, divisor=divisor, calculate_per_token_loss=True)
 
 

@@ -10,13 +10,14 @@ import torch
 from rl_loss import LossConfig, ReducerFactory, StepBatch, local_response_ranges
 
 
-def two_sample_step(group_index=None):
+def two_sample_step(group_index=None, trajectory_index=None):
     # sample 0: R = 3, T = 5, mask [1, 1, 0];  sample 1: R = 2, T = 4, mask [1, 1]
     return StepBatch(
         response_lengths=[3, 2],
         total_lengths=[5, 4],
         loss_masks=[torch.tensor([1.0, 1.0, 0.0]), torch.tensor([1.0, 1.0])],
         group_index=group_index,
+        trajectory_index=trajectory_index,
     )
 
 
@@ -64,6 +65,35 @@ def test_prompt_mean_without_group_index_names_group_index():
 def test_group_index_of_wrong_length_names_counts():
     with pytest.raises(ValueError, match=r"group_index has 3 entries.*2 samples"):
         two_sample_step(group_index=[0, 0, 1])
+
+
+def test_trajectory_mean_without_trajectory_index_names_trajectory_index():
+    factory = ReducerFactory(LossConfig(aggregation="trajectory_mean"))
+    with pytest.raises(ValueError, match=r"trajectory_index.*trajectory_mean.*got trajectory_index=None"):
+        factory.pg_reducer(two_sample_step(group_index=[0, 0], trajectory_index=None))
+
+
+def test_trajectory_index_of_wrong_length_names_counts():
+    with pytest.raises(ValueError, match=r"trajectory_index has 1 entries.*2 samples"):
+        two_sample_step(trajectory_index=[0])
+
+
+def test_trajectory_index_of_floats_names_the_argument():
+    with pytest.raises(ValueError, match=r"trajectory_index must be a 1-D sequence of integers"):
+        two_sample_step(trajectory_index=[0.0, 1.0])
+
+
+def test_trajectory_spanning_two_prompt_groups_is_rejected_naming_samples():
+    # ids restarted per prompt group: trajectory 0 would merge sample 0 (group 5) and sample 1 (group 6)
+    with pytest.raises(
+        ValueError, match=r"trajectory_index: trajectory 0 spans prompt groups 5 \(sample 0\) and 6 \(sample 1\)"
+    ):
+        two_sample_step(group_index=[5, 6], trajectory_index=[0, 0])
+
+
+def test_trajectories_within_prompt_groups_are_accepted():
+    step = two_sample_step(group_index=[5, 5], trajectory_index=[3, 3])
+    assert step.num_trajectories == 1 and step.num_groups == 1
 
 
 # --- local_response_ranges lengths ------------------------------------------------------------------------

@@ -24,22 +24,22 @@ def test_quick_run_prints_every_table(tmp_path, capsys):
     ):
         assert heading in text
     table_rows = [line for line in text.splitlines() if line.startswith("| ")]
-    for mode in ("sample_mean", "prompt_mean", "token_mean", "constant"):
+    for mode in ("sample_mean", "prompt_mean", "token_mean", "constant", "trajectory_mean"):
         assert sum(mode in row for row in table_rows) >= 2
     assert "torch threads 1" in text
 
     results = json.loads(out_json.read_text())
-    # 4 modes x 2 sample counts x 2 CP sizes; builds: flat for both counts, list-of-tensors for the largest
-    assert len(results["reducer"]) == 16
-    assert len(results["cold"]) == 16
-    assert len(results["build"]) == 4 * 3
+    # 5 modes x 2 sample counts x 2 CP sizes; builds: flat for both counts, list-of-tensors for the largest
+    assert len(results["reducer"]) == 20
+    assert len(results["cold"]) == 20
+    assert len(results["build"]) == 5 * 3
     assert {r["masks"] for r in results["build"]} == {"flat", "list"}
     # the library reducer and the per-sample loop compute the same objective and gradient
     assert all(r["agree_with_loop"] for r in results["reducer"])
     for r in results["reducer"]:
         assert r["reducer"]["pairs"] >= 1 and r["reducer"]["floor_ms"] > 0
     # per mode: the reducer target, and the build target per mask layout (flat, list)
-    assert len(results["targets"]) == 4 * 3
+    assert len(results["targets"]) == 5 * 3
 
 
 def test_sections_and_modes_select_what_runs(capsys):

@@ -44,10 +44,31 @@ def test_divisor_with_another_mode_is_rejected(preset):
     assert "(got 4096.0)" in line
 
 
+def test_divisor_with_trajectory_mean_is_rejected():
+    line = only_problem("loss.aggregation=trajectory_mean", "loss.divisor=4096")
+    assert line.startswith(
+        "loss.divisor: is only used by aggregation=constant, it would be ignored with aggregation=trajectory_mean"
+    )
+    assert "(got 4096.0)" in line
+
+
 @pytest.mark.parametrize("preset", ["drgrpo", "scalerl"])
 def test_per_token_flag_with_constant_or_prompt_mean_is_rejected(preset):
     line = only_problem(f"loss={preset}", "loss.calculate_per_token_loss=true")
     assert line.startswith("loss.calculate_per_token_loss: Megatron would renormalise")
+
+
+def test_per_token_flag_with_trajectory_mean_is_rejected():
+    line = only_problem("loss.aggregation=trajectory_mean", "loss.calculate_per_token_loss=true")
+    assert line.startswith("loss.calculate_per_token_loss: Megatron would renormalise")
+    assert "erase the trajectory_mean denominators" in line
+
+
+def test_trajectory_mean_is_accepted_with_several_steps_per_rollout():
+    # the launcher's samples are whole trajectories, so a trajectory cannot straddle steps (unlike a prompt group)
+    job = compose_job(["loss.aggregation=trajectory_mean", "trainer.global_batch_size=64"])
+    assert job.config.loss.aggregation == "trajectory_mean"
+    assert job.config.steps_per_rollout == 2
 
 
 def test_per_token_flag_with_default_mode_is_relabelled_token_mean():

@@ -70,6 +70,7 @@ class Case:
     total_lengths: list[int]
     masks: list[list[int]]
     groups: list[int]
+    trajectories: list[int]  # each trajectory within one prompt group (SPEC §2b)
     cells: list[list[int]]  # one (DP rank, micro-batch) per cell: its samples in their local order
     max_seq_lens: list[int | None]  # per cell (bshd: the padded width of that micro-batch)
     cp_size: int
@@ -88,6 +89,7 @@ class Case:
             total_lengths=self.total_lengths,
             loss_masks=[torch.tensor(m, dtype=torch.float32) for m in self.masks],
             group_index=self.groups,
+            trajectory_index=self.trajectories,
         )
 
     def values(self, dtype: torch.dtype) -> torch.Tensor:
@@ -112,6 +114,10 @@ def partitioned_steps(draw, qkv_format: str) -> Case:
     num_groups = draw(st.integers(1, n))
     # sparse, unordered group ids: the library must not assume 0..P-1
     groups = [7 * g + 3 for g in draw(st.lists(st.integers(0, num_groups - 1), min_size=n, max_size=n))]
+    # agent trajectories of one or more samples inside each prompt group; sparse ids, unique across groups
+    per_group = draw(st.integers(1, 4), label="trajectories per group (at most)")
+    slots = draw(st.lists(st.integers(0, per_group - 1), min_size=n, max_size=n))
+    trajectories = [100 * g + 11 * s for g, s in zip(groups, slots, strict=True)]
     num_dp, num_micro = draw(st.integers(1, 3)), draw(st.integers(1, 4))
     num_cells = num_dp * num_micro
     cell_of = draw(st.lists(st.integers(0, num_cells - 1), min_size=n, max_size=n))
@@ -135,7 +141,7 @@ def partitioned_steps(draw, qkv_format: str) -> Case:
         cells = [list(range(n))]
     divisor = draw(st.floats(0.5, 64.0, allow_nan=False, allow_infinity=False), label="L")
     seed = draw(st.integers(0, 2**31 - 1))
-    return Case(response, total, masks, groups, cells, max_seq_lens, cp_size, qkv_format, divisor, whole, seed)
+    return Case(response, total, masks, groups, trajectories, cells, max_seq_lens, cp_size, qkv_format, divisor, whole, seed)
 
 
 # --- the reference: SPEC §2 written out directly -------------------------------------------------------
@@ -153,11 +159,13 @@ def reference_objective(values: torch.Tensor, case: Case, mode: str) -> torch.Te
     n = case.num_samples
     if mode == "sample_mean":
         return sum(s / max(c, 1) for s, c in zip(masked_sums, token_counts, strict=True)) / n
-    if mode == "prompt_mean":
-        distinct = sorted(set(case.groups))
+    if mode in ("prompt_mean", "trajectory_mean"):
+        # the mean over units (prompt groups or trajectories) of each unit's token mean
+        units = case.groups if mode == "prompt_mean" else case.trajectories
+        distinct = sorted(set(units))
         total = 0.0
-        for g in distinct:
-            members = [i for i in range(n) if case.groups[i] == g]
+        for u in distinct:
+            members = [i for i in range(n) if units[i] == u]
             total = total + sum(masked_sums[i] for i in members) / max(sum(token_counts[i] for i in members), 1)
         return total / len(distinct)
     if mode == "token_mean":
@@ -290,6 +298,25 @@ def test_metric_partials_sum_to_step_sample_mean_in_every_mode(qkv_format, data)
     error = objective_error(sum_of_partials(pieces, values), reference_objective(values, case, "sample_mean"))
     assert error <= TOLERANCE[torch.float64], mode
     record(f"metric[{qkv_format}]", {"metric_objective_torch.float64": error})
+
+
+@pytest.mark.parametrize("qkv_format", FORMATS)
+@PROPERTY_SETTINGS
+@given(data=st.data())
+def test_trajectory_mean_with_one_sample_per_trajectory_equals_sample_mean(qkv_format, data):
+    # SPEC §2b: Q = N and each trajectory's token total is |o_i|, so J is sample_mean's, partial by partial
+    case = data.draw(partitioned_steps(qkv_format))
+    case.trajectories = [3 * i + 1 for i in range(case.num_samples)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", EmptyStepWarning)
+        step = case.step()
+        by_trajectory = reducers_of(case, factory_for("trajectory_mean", case.divisor), step)
+        by_sample = reducers_of(case, factory_for("sample_mean", case.divisor), step)
+    values = case.values(torch.float64).detach()
+    for (trajectory_reducer, index), (sample_reducer, _) in zip(by_trajectory, by_sample, strict=True):
+        assert torch.equal(trajectory_reducer.weights(), sample_reducer.weights())
+        assert float(trajectory_reducer(values[index])) == float(sample_reducer(values[index]))
+    record(f"trajectory_is_sample_mean[{qkv_format}]", {})
 
 
 @st.composite

@@ -76,6 +76,17 @@ def test_drgrpo_with_large_divisor_has_tiny_loss_scale(tmp_path):
     assert record["loss_scale_vs_token_mean"] < 8 / 40960
 
 
+def test_trajectory_mean_in_the_launcher_trains_exactly_as_sample_mean(tmp_path):
+    # every launcher sample is its own trajectory (SPEC §2b): same weights, so the same run, bit for bit
+    trajectory = run_tiny(tmp_path / "trajectory", "loss.aggregation=trajectory_mean", "trainer.max_steps=2")
+    sample = run_tiny(tmp_path / "sample", "loss.aggregation=sample_mean", "trainer.max_steps=2")
+    assert [r["aggregation"] for r in trajectory] == ["trajectory_mean"] * 2
+    assert [r["aggregation"] for r in sample] == ["sample_mean"] * 2
+    for record in (*trajectory, *sample):
+        del record["aggregation"]
+    assert without_timing(trajectory) == without_timing(sample)
+
+
 def test_resume_continues_bit_identically(tmp_path):
     straight = run_tiny(tmp_path / "straight", "trainer.max_steps=6", "trainer.save_every=2")
     run_tiny(tmp_path / "split", "trainer.max_steps=3", "trainer.save_every=2")

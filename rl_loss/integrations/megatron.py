@@ -29,7 +29,7 @@ What megatron-core 0.16.1 does to the loss (paths relative to ``megatron/core``)
 
 Which path and why. Both modes use the **3-tuple** return:
 
-- Without ``calculate_per_token_loss`` (sample_mean, prompt_mean, constant, custom): return
+- Without ``calculate_per_token_loss`` (sample_mean, prompt_mean, constant, trajectory_mean, custom): return
   ``(partial * num_microbatches * dp_cp_size, 1, report)``. The schedule divides by ``clamp(1, 1) = 1``
   and by ``num_microbatches``; DDP multiplies by ``1 / dp_cp_size`` and sums over DP x CP; the
   micro-batches accumulate. The gradient is ``sum_{micro-batch, DP, CP} grad(partial) = grad J``.
