@@ -32,6 +32,7 @@ from launchers.run_io import (
     save_atomic,
     set_rng_state,
 )
+from launchers.summary import log_run_summary
 from launchers.toy import DigitSumTask, ToyPolicy, all_gather_kv, generate, local_logprobs
 from launchers.toy.model import ModelConfig as ToyModelConfig
 from rl_loss import ReducerFactory, StepBatch, group_advantages, policy_loss
@@ -305,10 +306,12 @@ class Trainer:
             log.info("task: %s", self.task.describe())
             log.info("aggregation=%s world=%d (DP %d x CP %d, %s) run folder: %s", self.factory.aggregation,
                      ctx.world_size, ctx.dp_size, ctx.cp_size, cfg.parallel.qkv_format, self.run_dir)
-        progress = Progress(cfg.trainer.max_steps, self.step, cfg.progress, enabled=ctx.is_main)
+        progress = Progress(cfg.trainer.max_steps, self.step, cfg.progress, enabled=ctx.is_main,
+                            show_kl=cfg.steps_per_rollout > 1)
         self.stop = _StopRequest()
         self._stop_everywhere = False
         reward = float("nan")
+        first_step, started, outcome = self.step, time.monotonic(), None
         try:
             while self.step < cfg.trainer.max_steps:
                 within = self.step % cfg.steps_per_rollout
@@ -324,13 +327,21 @@ class Trainer:
                     self._save()
                 if self._stop_everywhere:
                     path = self._save()
+                    outcome = "stopped"
                     if ctx.is_main:
-                        log.warning("stopped at step %d; checkpoint %s. Continue with: resume=true hydra.run.dir=%s",
-                                    self.step, path, self.run_dir)
+                        log.warning("stopped at step %d; checkpoint %s", self.step, path)
                     raise SystemExit(130)
+            outcome = "finished"
+        except KeyboardInterrupt:
+            outcome = "aborted"
+            raise
         finally:
             self.stop.restore()
             progress.close()
             if writer is not None:
                 writer.close()
+            if ctx.is_main and outcome is not None:  # a crash ends on its traceback instead
+                log_run_summary(self.run_dir, outcome=outcome, wall_seconds=time.monotonic() - started,
+                                first_step=first_step, last_step=self.step, max_steps=cfg.trainer.max_steps,
+                                world_size=ctx.world_size)
         return reward
