@@ -103,11 +103,14 @@ def hydra_error_lines(
     not_struct = re.search(r"Could not override '([^']+)'", text)
     if not_struct:
         key = not_struct.group(1).split(".")
-        hint = ""
-        if model is not None and not prefix:
-            hint = did_you_mean(model, key)
-        elif model is not None and len(key) > 1 and key[0] == prefix:
-            hint = did_you_mean(model, key[1:], [prefix])
-        return [f"{'.'.join(key)}: unknown key{hint} (got {override or text.splitlines()[0]})"]
+        lead, inner = ([], key) if not prefix else ([prefix], key[1:] if key[0] == prefix else [])
+        got = override or text.splitlines()[0]
+        if model is not None and inner and inner[-1] in field_names(model, inner[:-1]):
+            return [
+                f"{'.'.join(key)}: is a field but not in the composed config, whose defaults list lacks base "
+                f"(got {got}); add base to the defaults list or write +{got.lstrip('+')}"
+            ]
+        hint = did_you_mean(model, inner, lead) if model is not None and inner else ""
+        return [f"{'.'.join(key)}: unknown key{hint} (got {got})"]
     first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
     return [f"{override + ': ' if override else ''}{first}"]

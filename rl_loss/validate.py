@@ -8,10 +8,11 @@
 A FILE is a loss group file as a Hydra app keeps it (``conf/loss/NAME.yaml``): a mapping of LossConfig
 fields, with or without a Hydra ``defaults:`` list. The list may name ``base`` (LossConfig's defaults), a
 shipped preset to extend (``grpo``, ``dapo``, ...), a sibling file when the file sits in a folder named
-``loss``, and ``_self_``. A file is composed exactly as ``loss=NAME`` composes in a Hydra app with the
-rl-loss plugin, then validated; an interpolation to a key outside the loss group (``${rollout...}``)
-cannot resolve here and is reported with the field it sets. An argument that contains ``=`` and is not
-an existing file is an override (Hydra syntax; ``loss.`` may be left out of a key).
+``loss``, and ``_self_``. A file is composed as ``loss=NAME`` composes in a Hydra app with the rl-loss
+plugin (a file without a defaults list on top of ``base``, so that overrides may set any field), then
+validated; an interpolation to a key outside the loss group (``${rollout...}``) cannot resolve here and
+is reported with the field it sets. An argument that contains ``=`` and is not an existing file is an
+override (Hydra syntax; ``loss.`` may be left out of a key).
 
 Exit status 0 when every configuration is valid (warnings are printed), 2 otherwise, with one line per
 problem on stderr: ``SOURCE: loss.FIELD: what is wrong (got VALUE); fix``, where SOURCE is ``FILE`` or
@@ -168,7 +169,11 @@ def compose_loss(overrides: list[str], loss_file: LossFile | None) -> Any:
         if loss_file is not None:
             (Path(tmp) / GROUP).mkdir()
             (Path(tmp) / GROUP / f"{INPUT_NAME}.yaml").write_text(loss_file.text, encoding="utf-8")
-            overrides = [f"{GROUP}={INPUT_NAME}", *overrides]
+            name = INPUT_NAME
+            if "defaults" not in loss_file.key_lines:  # a plain mapping: on top of LossConfig's defaults
+                name = f"{INPUT_NAME}_on_base"
+                (Path(tmp) / GROUP / f"{name}.yaml").write_text(json.dumps({"defaults": ["base", INPUT_NAME]}))
+            overrides = [f"{GROUP}={name}", *overrides]
         GlobalHydra.instance().clear()
         try:
             with warnings.catch_warnings(), initialize_config_dir(config_dir=tmp, version_base=None):
@@ -187,8 +192,12 @@ def resolve_loss(node: Any) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
     raw = OmegaConf.to_container(node, resolve=False)
+    fields = {f.alias or name for name, f in LossConfig.model_fields.items()}
     data, problems = {}, []
     for key in raw:
+        if key not in fields:  # an unknown key is reported as such, whatever its value
+            data[key] = raw[key]
+            continue
         try:
             value = node[key]
             data[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
@@ -245,11 +254,19 @@ def check(overrides: list[str], loss_file: LossFile | None, label: str) -> Outco
     try:
         config, outcome.warnings = validate_loss(resolve_loss(node))
     except ConfigError as err:
-        outcome.problems = [f"{source(p)}: {p}" for p in err.problems]
+        located = [(source(p), p) for p in err.problems]
+        if loss_file is not None:  # in the order of the file's lines
+            located.sort(key=lambda sp: _line_number(sp[0], loss_file))
+        outcome.problems = [f"{where}: {p}" for where, p in located]
         return outcome
     divisor = f", divisor={config.divisor:g}" if config.divisor is not None else ""
     outcome.summary = f"aggregation={config.aggregation}{divisor}"
     return outcome
+
+
+def _line_number(source: str, loss_file: LossFile) -> int:
+    head, _, line = source.rpartition(":")
+    return int(line) if head == str(loss_file.path) and line.isdigit() else 0
 
 
 def unparsable_overrides(overrides: list[str]) -> list[str]:
@@ -282,9 +299,11 @@ def composition_problems(err: Exception, overrides: list[str], loss_file: LossFi
             f"(available: base, {', '.join(options)}); name one of them"
         ]
     blamed = next((o for o in overrides if f"'{override_key(loss_override(o))}'" in str(err)), None)
-    lines = hydra_error_lines(err, blamed, LossConfig, GROUP, hidden_options=("base", INPUT_NAME))
+    hidden = ("base", INPUT_NAME, f"{INPUT_NAME}_on_base")
+    lines = hydra_error_lines(err, blamed, LossConfig, GROUP, hidden_options=hidden)
     where = "" if loss_file is None else f"{loss_file.path}: "
-    return [where + line.replace(f"{GROUP}/{INPUT_NAME}", label).replace(f"{INPUT_NAME}.yaml", label) for line in lines]
+    temporary_names = re.compile(rf"{GROUP}/{INPUT_NAME}\w*|{INPUT_NAME}\w*\.yaml")
+    return [temporary_names.sub(lambda _: label, where + line) for line in lines]
 
 
 def group_options(loss_file: LossFile | None = None) -> list[str]:

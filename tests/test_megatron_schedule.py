@@ -80,12 +80,9 @@ def factory_for(fields: dict, **extra) -> ReducerFactory:
 
 def trajectories_of(step: Step) -> list[int]:
     """Trajectory ids for trajectory_mean: pairs of consecutive samples of one prompt group (SPEC §2b)."""
-    ids, last = [], None
-    for i, group in enumerate(step.groups):
-        new = last is None or step.groups[i - 1] != group or i % 2 == 0
-        last = (last or 0) + 1 if new and last is not None else (0 if last is None else last)
-        ids.append(last)
-    return ids
+    keys = [(g, step.groups[:i].count(g) // 2) for i, g in enumerate(step.groups)]
+    ids = {key: n for n, key in enumerate(dict.fromkeys(keys))}
+    return [ids[key] for key in keys]
 
 
 def step_batch(step: Step, mode: str) -> StepBatch:

@@ -259,6 +259,42 @@ def test_cross_field_problem_in_a_file_names_the_field_line(capsys, tmp_path):
     assert only_problem(capsys, path).startswith(f"{path}:2: loss.calculate_per_token_loss: Megatron would renormalise")
 
 
+def test_file_problems_follow_its_lines(capsys, tmp_path):
+    path = write(tmp_path, "defaults:\n  - dapo\n  - _self_\ndivisr: 4096\nkl_coef: -0.1\n")
+    status, out, err = validate(capsys, path)
+    assert (status, out) == (2, [])
+    assert err == [
+        f"{path}:4: loss.divisr: unknown key; did you mean 'loss.divisor'? (got 4096)",
+        f"{path}:5: loss.kl_coef: input should be greater than or equal to 0 (got -0.1)",
+    ]
+
+
+def test_override_applied_to_a_file_is_named_for_its_problem(capsys, tmp_path):
+    path = write(tmp_path, "aggregation: token_mean\n")
+    line = only_problem(capsys, path, f"loss.custom_pg_reducer={CUSTOM}")
+    assert line.startswith(f"loss.custom_pg_reducer={CUSTOM}: loss.custom_pg_reducer: a custom pg reducer replaces")
+
+
+def test_plain_mapping_file_takes_overrides_of_any_field(capsys, tmp_path):
+    path = write(tmp_path, "aggregation: token_mean\n")  # no defaults list: validated on top of base
+    assert validate(capsys, path, "loss.kl_coef=0.1")[0] == 0
+
+
+def test_override_of_a_field_missing_from_a_file_without_base_is_explained(capsys, tmp_path):
+    path = write(tmp_path, "defaults:\n  - _self_\naggregation: token_mean\n")
+    assert only_problem(capsys, path, "loss.kl_coef=0.1") == (
+        f"{path}: loss.kl_coef: is a field but not in the composed config, whose defaults list lacks base "
+        "(got loss.kl_coef=0.1); add base to the defaults list or write +loss.kl_coef=0.1"
+    )
+
+
+def test_unknown_key_is_reported_as_unknown_whatever_its_value(capsys, tmp_path):
+    path = write(tmp_path, "aggregation: token_mean\nkl_coeff: ${trainer.kl}\n")
+    assert only_problem(capsys, path) == (
+        f"{path}:2: loss.kl_coeff: unknown key; did you mean 'loss.kl_coef'? (got '${{trainer.kl}}')"
+    )
+
+
 def test_problem_inherited_from_a_preset_names_the_file(capsys, tmp_path):
     path = write(tmp_path, "defaults:\n  - drgrpo\n  - _self_\nkl_coef: 0.1\n")
     assert only_problem(capsys, path) == (
