@@ -116,6 +116,9 @@ def read_loss_file(path: Path) -> LossFile:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
         what = getattr(err, "problem", None) or str(err).splitlines()[0]
+        context, context_mark = getattr(err, "context", None), getattr(err, "context_mark", None)
+        if context and context_mark is not None:
+            what += f" ({context} at line {context_mark.line + 1}, column {context_mark.column + 1})"
         raise ConfigError([f"{where}: YAML syntax error: {what}; fix the YAML"]) from None
     if node is None:
         raise ConfigError([f"{path}: is empty; write a mapping of loss fields (e.g. aggregation: token_mean)"])

@@ -220,7 +220,8 @@ def test_directory(capsys, tmp_path):
 def test_yaml_syntax_error_names_line_and_column(capsys, tmp_path):
     path = write(tmp_path, "aggregation: token_mean\neps_clip: [0.2\n")
     assert only_problem(capsys, path) == (
-        f"{path}:3:1: YAML syntax error: expected ',' or ']', but got '<stream end>'; fix the YAML"
+        f"{path}:3:1: YAML syntax error: expected ',' or ']', but got '<stream end>' (while parsing a flow sequence "
+        "at line 2, column 11); fix the YAML"
     )
 
 
