@@ -38,9 +38,9 @@ from pydantic import ValidationError
 
 from rl_loss.config import LossConfig
 from rl_loss.config_errors import ConfigError, format_validation_error, hydra_error_lines, show
+from rl_loss.loss_files import GROUP, LossFile, field_path, group_options, read_loss_file
 
 EXIT_OK, EXIT_INVALID = 0, 2
-GROUP = "loss"
 INPUT_NAME = "rl_loss_validate_input"  # the file under validation, as an option of the loss group
 PRIMARY_NAME = "rl_loss_validate"
 PRESETS_SEARCH_PATH = "pkg://rl_loss_conf"
@@ -55,15 +55,6 @@ class Outcome:
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     summary: str = ""
-
-
-@dataclass
-class LossFile:
-    """A loss group file that parses as a YAML mapping, with the line of each top-level key."""
-
-    path: Path
-    text: str
-    key_lines: dict[str, int]
 
 
 # --- inputs -------------------------------------------------------------------------------------------------
@@ -89,62 +80,6 @@ def loss_override(text: str) -> str:
 def override_key(text: str) -> str:
     """The dotted key an override sets (``+loss.divisor=1`` -> ``loss.divisor``)."""
     return text.lstrip("+~").split("=", 1)[0].split("@")[0]
-
-
-def read_loss_file(path: Path) -> LossFile:
-    """Read and parse a loss group file.
-
-    Raises:
-        ConfigError: a missing, unreadable, non-UTF-8, syntactically broken, empty or non-mapping file,
-            and duplicate or non-string top-level keys.
-    """
-    import yaml
-
-    if not path.exists():
-        raise ConfigError([f"{path}: no such file; give the path of a loss group YAML file"])
-    if path.is_dir():
-        raise ConfigError([f"{path}: is a directory; give the YAML files in it (e.g. {path}/*.yaml)"])
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise ConfigError([f"{path}: is not UTF-8 text (byte {err.start}); save it as UTF-8 YAML"]) from None
-    except OSError as err:
-        raise ConfigError([f"{path}: cannot be read ({err.strerror or err})"]) from None
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
-        what = getattr(err, "problem", None) or str(err).splitlines()[0]
-        context, context_mark = getattr(err, "context", None), getattr(err, "context_mark", None)
-        if context and context_mark is not None:
-            what += f" ({context} at line {context_mark.line + 1}, column {context_mark.column + 1})"
-        raise ConfigError([f"{where}: YAML syntax error: {what}; fix the YAML"]) from None
-    if node is None:
-        raise ConfigError([f"{path}: is empty; write a mapping of loss fields (e.g. aggregation: token_mean)"])
-    if not isinstance(node, yaml.MappingNode):
-        kind = "list" if isinstance(node, yaml.SequenceNode) else f"single value {show(node.value)}"
-        raise ConfigError([f"{path}: must be a mapping of loss fields (got a {kind}); write KEY: VALUE lines"])
-    key_lines: dict[str, int] = {}
-    problems = []
-    for key_node, _ in node.value:
-        line = key_node.start_mark.line + 1
-        if not isinstance(key_node, yaml.ScalarNode) or key_node.tag != "tag:yaml.org,2002:str":
-            problems.append(f"{path}:{line}: keys must be loss field names (got {show(key_node.value)})")
-        elif key_node.value in key_lines:
-            problems.append(
-                f"{path}:{line}: {_field(key_node.value)}: duplicate key (first at line {key_lines[key_node.value]}); "
-                "keep one"
-            )
-        else:
-            key_lines[key_node.value] = line
-    if problems:
-        raise ConfigError(problems)
-    return LossFile(path, text, key_lines)
-
-
-def _field(key: str) -> str:
-    return key if key == "defaults" else f"{GROUP}.{key}"
 
 
 # --- composition and validation -------------------------------------------------------------------------------
@@ -206,8 +141,8 @@ def resolve_loss(node: Any) -> dict[str, Any]:
             data[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
         except Exception as err:  # OmegaConf's resolution errors have several types
             problems.append(
-                f"{_field(str(key))}: cannot resolve {show(raw[key])} outside your app "
-                f"({str(err).splitlines()[0]}); give the value itself or pass {_field(str(key))}=VALUE"
+                f"{field_path(str(key))}: cannot resolve {show(raw[key])} outside your app "
+                f"({str(err).splitlines()[0]}); give the value itself or pass {field_path(str(key))}=VALUE"
             )
     if problems:
         raise ConfigError(problems)
@@ -307,16 +242,6 @@ def composition_problems(err: Exception, overrides: list[str], loss_file: LossFi
     where = "" if loss_file is None else f"{loss_file.path}: "
     temporary_names = re.compile(rf"{GROUP}/{INPUT_NAME}\w*|{INPUT_NAME}\w*\.yaml")
     return [temporary_names.sub(lambda _: label, where + line) for line in lines]
-
-
-def group_options(loss_file: LossFile | None = None) -> list[str]:
-    """The loss presets a file's defaults list can name: the shipped ones and, in a ``loss/`` folder, its siblings."""
-    from importlib.resources import files
-
-    names = {p.name for p in files("rl_loss_conf").joinpath(GROUP).iterdir()}
-    if loss_file is not None and loss_file.path.resolve().parent.name == GROUP:
-        names |= {p.name for p in loss_file.path.resolve().parent.iterdir() if p != loss_file.path.resolve()}
-    return sorted(n.rsplit(".", 1)[0] for n in names if n.endswith((".yaml", ".yml")))
 
 
 def check_file(path: str, overrides: list[str]) -> Outcome:
