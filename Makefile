@@ -28,7 +28,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(PY) -m ruff check rl_loss launchers benchmarks tests
+	$(PY) -m ruff check rl_loss launchers benchmarks tests hydra_plugins
 
 # glibc keeps big temporaries in the heap (no page faults on some calls only); passive OpenMP workers
 # do not spin against the timed thread on a shared machine.

@@ -3,15 +3,17 @@
 ``conf/config.yaml`` starts its defaults list with ``base_config`` and every ``conf/loss/*.yaml`` with
 ``base``: both are the models' defaults, registered here in Hydra's ConfigStore. So every field can
 be overridden from the command line (``loss.divisor=40960``), a misspelt key is caught by Hydra's
-struct mode, and the YAML files only hold values that differ from the defaults.
+struct mode, and the YAML files only hold values that differ from the defaults. ``loss/base`` is the
+Hydra plugin's own registration (:mod:`hydra_plugins.rl_loss_searchpath`, generated from LossConfig),
+so the launcher and every other Hydra app compose the presets on the same base.
 """
 
 from __future__ import annotations
 
 from hydra.core.config_store import ConfigStore
 
+from hydra_plugins.rl_loss_searchpath import register_loss_base
 from launchers.config import RunConfig
-from rl_loss.config import LossConfig
 
 _registered = False
 
@@ -24,5 +26,5 @@ def register_configs() -> None:
     store = ConfigStore.instance()
     run_defaults = RunConfig().model_dump(mode="json", exclude={"loss"})
     store.store(name="base_config", node=run_defaults)
-    store.store(group="loss", name="base", node=LossConfig().model_dump(mode="json", by_alias=True))
+    register_loss_base()
     _registered = True

@@ -8,9 +8,7 @@ models, and every problem is printed as one line naming the field, the value and
 
 from __future__ import annotations
 
-import difflib
 import os
-import re
 import sys
 import warnings
 from dataclasses import dataclass
@@ -18,22 +16,16 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf, open_dict
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from launchers.conf_store import register_configs
 from launchers.config import RunConfig
+from rl_loss import config_errors
+from rl_loss.config_errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
 CONFIG_NAME = "config"
 EXIT_CONFIG_ERROR = 2
-
-
-class ConfigError(Exception):
-    """A configuration that must not run; ``problems`` holds one readable line per problem."""
-
-    def __init__(self, problems: list[str]):
-        super().__init__("\n".join(problems))
-        self.problems = problems
 
 
 @dataclass(frozen=True)
@@ -66,62 +58,12 @@ def validate_run(data: dict[str, Any], world_size: int = 1) -> tuple[RunConfig, 
 
 
 def format_validation_error(err: ValidationError) -> list[str]:
-    """One line per pydantic error: ``section.field: what is wrong (got value)``, with did-you-mean for typos."""
-    lines = []
-    for e in err.errors():
-        loc = [str(part) for part in e["loc"]]
-        if e["type"] == "extra_forbidden":
-            lines.append(f"{'.'.join(loc)}: unknown key{_did_you_mean(loc)} (got {_show(e['input'])})")
-            continue
-        msg = e["msg"].removeprefix("Value error, ")
-        for line in msg.split("\n"):
-            field, sep, rest = line.partition(": ")
-            if e["type"] == "value_error" and sep and re.fullmatch(r"[a-z_][a-z0-9_.]*", field):
-                # Validator messages start with the field they blame, relative to their model.
-                path = field if field.split(".")[0] in RunConfig.model_fields else ".".join([*loc, field])
-                lines.append(f"{path}: {rest}")
-            else:
-                lines.append(f"{'.'.join(loc) or 'config'}: {line[0].lower() + line[1:]} (got {_show(e['input'])})")
-    return lines
-
-
-def _show(value: Any) -> str:
-    text = repr(value) if isinstance(value, str) else str(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def field_names(loc: list[str]) -> list[str]:
-    """Field names (and aliases) of the model at ``loc`` in the RunConfig tree (empty if none)."""
-    model: type[BaseModel] = RunConfig
-    for part in loc:
-        field = model.model_fields.get(part)
-        annotation = getattr(field, "annotation", None)
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return []
-        model = annotation
-    return [f.alias or name for name, f in model.model_fields.items()]
-
-
-def _did_you_mean(loc: list[str]) -> str:
-    close = difflib.get_close_matches(loc[-1], field_names(loc[:-1]), n=1, cutoff=0.6)
-    return f"; did you mean '{'.'.join([*loc[:-1], close[0]])}'?" if close else ""
+    """One line per pydantic error of a RunConfig: ``section.field: what is wrong (got value)``."""
+    return config_errors.format_validation_error(err, RunConfig)
 
 
 def _hydra_error_lines(err: Exception, override: str | None = None) -> list[str]:
-    text = str(err)
-    missing = re.search(r"Could not find '([^']+)/([^']+)'", text)
-    if missing:
-        group, option = missing.groups()
-        options = [o for o in re.findall(r"^\t(\S+)$", text, flags=re.M) if o != "base"]
-        close = difflib.get_close_matches(option, options, n=1)
-        hint = f"did you mean '{group}={close[0]}'? " if close else ""
-        return [f"{group}={option}: no such option; {hint}(available: {', '.join(options)})"]
-    not_struct = re.search(r"Could not override '([^']+)'", text)
-    if not_struct:
-        key = not_struct.group(1).split(".")
-        return [f"{'.'.join(key)}: unknown key{_did_you_mean(key)} (got {override or text.splitlines()[0]})"]
-    first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
-    return [f"{override + ': ' if override else ''}{first}"]
+    return config_errors.hydra_error_lines(err, override, RunConfig)
 
 
 def compose_job(overrides: list[str], world_size: int = 1) -> Job:

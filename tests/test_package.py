@@ -31,3 +31,9 @@ def test_rl_loss_never_imports_trl_or_transformers():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == ""
+
+
+def test_validator_imports_hydra_only_when_it_runs():
+    code = "import sys, rl_loss.validate; print(','.join(m for m in sys.modules if m.split('.')[0] in ('hydra', 'omegaconf')))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == ""
