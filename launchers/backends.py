@@ -11,8 +11,9 @@ loader. Entry points and loaders are import paths, so validating a configuration
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from typing_extensions import Self
@@ -62,12 +63,18 @@ class TrlBackendConfig(BaseModel):
     """bf16 mixed precision (GRPOConfig.bf16): float32 master weights, bf16 autocast; for GPUs that support it."""
 
     gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass (GRPOConfig.gradient_checkpointing): less memory, ~30% slower."""
+    """Recompute activations in the backward pass (GRPOConfig.activation_checkpointing): less memory, ~30% slower."""
 
     entry_point: ClassVar[str] = "launchers.hf.train:train"
     model_kinds: ClassVar[tuple[str, ...]] = ("hf_tiny", "hf")
     rules: ClassVar[tuple[Rule, ...]] = TRL_RULES
     layout_summary = staticmethod(trl_layout_summary)
+
+
+def import_entry(path: str) -> Any:
+    """The object at ``'package.module:name'`` (a backend's entry point, a model's loader)."""
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 BACKENDS = (ToyBackendConfig, TrlBackendConfig)

@@ -14,9 +14,10 @@ is the number of data-parallel processes; TRL has no context parallelism, so DP 
 from __future__ import annotations
 
 import functools
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from rl_loss.config import LossConfig
 
 if TYPE_CHECKING:
     from launchers.config import RunConfig
@@ -28,8 +29,12 @@ UNSUPPORTED_BY_TRL: dict[str, str] = {
     "parallel.cp_size": "TRL's GRPOTrainer has no context parallelism; use data parallelism (accelerate launch)",
     "parallel.qkv_format": "TRL packs no sequences across CP ranks, so the CP layout has no meaning there",
     "parallel.backend": "accelerate picks the torch.distributed backend; configure it with `accelerate config`",
+    "loss.advantage_eps": "TRL computes the advantages and adds a fixed 1e-4 to the group std",
 }
 """Launcher fields (dotted paths) that TRL cannot honour: rejected with backend=trl unless at their default."""
+
+ALSO_HONOURED: dict[str, tuple[Any, ...]] = {"loss.advantage_eps": (1e-4,)}
+"""Values besides the default that TRL does honour for a field of :data:`UNSUPPORTED_BY_TRL`."""
 
 
 def gradient_accumulation_steps(cfg: RunConfig, world_size: int) -> int:
@@ -52,15 +57,53 @@ def trl_layout_summary(cfg: RunConfig, world_size: int) -> str:
     )
 
 
-def _show_bar(progress: str) -> bool:
-    return progress == "bar" or (progress == "auto" and sys.stderr.isatty())
+GRPO_CONFIG_FIELDS: dict[str, tuple[str, ...]] = {
+    "rollout.prompts_per_rollout": ("generation_batch_size",),
+    "rollout.n_samples_per_prompt": ("num_generations", "generation_batch_size"),
+    "rollout.max_response_len": ("max_completion_length",),
+    "rollout.temperature": ("temperature",),
+    "trainer.global_batch_size": ("gradient_accumulation_steps",),
+    "trainer.micro_batch_size": ("per_device_train_batch_size", "gradient_accumulation_steps"),
+    "trainer.max_steps": ("max_steps",),
+    "trainer.save_every": ("save_steps",),
+    "optim.lr": ("learning_rate",),
+    "optim.betas": ("adam_beta1", "adam_beta2"),
+    "optim.weight_decay": ("weight_decay",),
+    "optim.grad_clip": ("max_grad_norm",),
+    "loss.kl_coef": ("beta",),
+    "loss.advantage_estimator": ("scale_rewards",),
+    "loss.ratio_level": ("importance_sampling_level",),
+    "seed": ("seed",),
+    "device": ("use_cpu",),
+    "backend.bf16": ("bf16",),
+    "backend.gradient_checkpointing": ("activation_checkpointing",),
+}
+"""Launcher field -> the GRPOConfig fields :func:`grpo_config_kwargs` sets from it (the README table)."""
+
+HONOURED_OUTSIDE_GRPO_CONFIG: dict[str, str] = {
+    "loss": "RLLossGRPOTrainer(loss_config=...): every loss field, through trl_loss_config()",
+    "task": "the prompt dataset and the reward (launchers.hf.task)",
+    "model": "the model loader the model section names (launchers.hf.models)",
+    "dry_run": "the launcher's preflight",
+    "resume": "trainer.train(resume_from_checkpoint=the latest checkpoint)",
+    "progress": "launchers.run_io.Progress, driven by the metrics callback",
+    "torch_threads": "torch.set_num_threads",
+}
+"""Launcher sections/fields that TRL honours through something other than GRPOConfig."""
+
+SCALE_REWARDS = {"grpo": "group", "drgrpo": "none"}
+"""loss.advantage_estimator -> GRPOConfig.scale_rewards: TRL computes the advantages (std + 1e-4 for group)."""
+
+_CUDA_REQUESTED = {"cpu": False, "cuda": True}
 
 
-def grpo_config_kwargs(cfg: RunConfig, run_dir: str | Path, world_size: int = 1, use_cpu: bool = True) -> dict[str, Any]:
+def grpo_config_kwargs(cfg: RunConfig, run_dir: str | Path, world_size: int = 1,
+                       cuda_available: bool = False) -> dict[str, Any]:
     """Keyword arguments of ``trl.GRPOConfig`` for ``cfg`` (validated) in ``run_dir`` on ``world_size`` processes.
 
-    The loss section is not here: it goes to ``RLLossGRPOTrainer(loss_config=cfg.loss)`` whole.
-    ``use_cpu`` is the resolved ``device`` (``auto`` -> CUDA when available).
+    The loss section goes to ``RLLossGRPOTrainer(loss_config=trl_loss_config(cfg))``; here only
+    ``beta`` (TRL builds its reference model when beta > 0) and ``scale_rewards`` (TRL computes the
+    advantages) come from it. ``cuda_available`` resolves ``device=auto``.
     """
     max_grad_norm = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else float("inf")  # inf: norm, no clip
     return {
@@ -73,6 +116,9 @@ def grpo_config_kwargs(cfg: RunConfig, run_dir: str | Path, world_size: int = 1,
         "top_p": 1.0,  # plain sampling at the temperature, as the toy backend samples
         "top_k": 0,
         "num_iterations": 1,  # each rollout is trained on once, in steps_per_rollout optimizer steps
+        # the prompts are random draws already; in drawing order a shorter run's prompts are a prefix of a
+        # longer one's, so resume=true with a higher trainer.max_steps continues on the same prompts
+        "shuffle_dataset": False,
         # trainer.*
         "per_device_train_batch_size": cfg.trainer.micro_batch_size,
         "gradient_accumulation_steps": gradient_accumulation_steps(cfg, world_size),
@@ -89,15 +135,29 @@ def grpo_config_kwargs(cfg: RunConfig, run_dir: str | Path, world_size: int = 1,
         "max_grad_norm": max_grad_norm,
         "lr_scheduler_type": "constant",
         "warmup_steps": 0,
+        # loss.*: the rest of the loss is loss_config's
+        "beta": cfg.loss.kl_coef,
+        "scale_rewards": SCALE_REWARDS[cfg.loss.advantage_estimator],
+        # RLLossGRPOTrainer checks that TRL's ratio level names the loss's (token, or sequence for GSPO)
+        "importance_sampling_level": getattr(cfg.loss, "ratio_level", "token"),
         # run level
         "seed": cfg.seed,
-        "use_cpu": use_cpu,
+        "use_cpu": not _CUDA_REQUESTED.get(cfg.device, cuda_available),
         "bf16": cfg.backend.bf16,
-        "gradient_checkpointing": cfg.backend.gradient_checkpointing,
+        "activation_checkpointing": cfg.backend.gradient_checkpointing,  # transformers 5 name of gradient checkpointing
         "logging_steps": 1,
         "report_to": "none",  # metrics.jsonl and TensorBoard come from launchers.hf.callbacks
-        "disable_tqdm": not _show_bar(cfg.progress),
+        "disable_tqdm": True,  # the launcher's own progress display (progress=bar|log|auto)
     }
+
+
+def trl_loss_config(cfg: RunConfig) -> LossConfig:
+    """The ``loss_config`` of RLLossGRPOTrainer: the loss section, with only its non-default fields marked as set.
+
+    RLLossGRPOTrainer checks the fields a user set against GRPOConfig; Hydra's composed loss section
+    sets every field, so the defaults are passed as defaults.
+    """
+    return LossConfig.model_validate(cfg.loss.model_dump(by_alias=True, exclude_defaults=True))
 
 
 @functools.cache
@@ -115,7 +175,7 @@ def _unsupported_fields_at_default(cfg: RunConfig, world_size: int) -> str | Non
     problems = []
     for path, reason in UNSUPPORTED_BY_TRL.items():
         value, default = _value_at(cfg, path), _value_at(_defaults(), path)
-        if value != default:
+        if value != default and value not in ALSO_HONOURED.get(path, ()):
             problems.append(f"{path}: backend=trl cannot honour it: {reason} (got {value!r}); remove it (default {default!r})")
     return "\n".join(problems) or None
 
@@ -129,5 +189,17 @@ def _two_samples_per_prompt(cfg: RunConfig, world_size: int) -> str | None:
     return None
 
 
-TRL_RULES = (_unsupported_fields_at_default, _two_samples_per_prompt)
+def _checkpoints_between_rollouts(cfg: RunConfig, world_size: int) -> str | None:
+    # TRL keeps a rollout's unused micro-batches in memory only: a checkpoint inside a rollout would
+    # resume on a fresh rollout, not on the rest of the saved one.
+    if cfg.steps_per_rollout and cfg.trainer.save_every % cfg.steps_per_rollout:
+        return (
+            f"trainer.save_every: with backend=trl a checkpoint must fall between rollouts, every multiple of the "
+            f"{cfg.steps_per_rollout} optimizer steps per rollout (got {cfg.trainer.save_every}); "
+            f"use a multiple of {cfg.steps_per_rollout}"
+        )
+    return None
+
+
+TRL_RULES = (_unsupported_fields_at_default, _two_samples_per_prompt, _checkpoints_between_rollouts)
 """Cross-section rules that only apply with backend=trl (rl_loss's launcher runs them from the run schema)."""
