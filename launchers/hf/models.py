@@ -7,6 +7,8 @@ task is put to it (the prompt of a target). The model section names its loader
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,24 +92,32 @@ def pretrained_model(section: HFModelConfig, task: DigitSumTask, seed: int) -> L
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = {"revision": section.revision, "trust_remote_code": section.trust_remote_code}
-    try:
+    with _load_errors(section):
         tokenizer = AutoTokenizer.from_pretrained(section.name_or_path, **source)
-        transformers.set_seed(seed)
+    if section.chat_template and not tokenizer.chat_template:
+        raise ModelLoadError(
+            f"model.chat_template: the tokenizer of {section.name_or_path!r} has no chat template (got true); "
+            "set model.chat_template=false to prompt it with plain text"
+        )
+    transformers.set_seed(seed)
+    with _load_errors(section):
         model = AutoModelForCausalLM.from_pretrained(
             section.name_or_path,
             dtype="auto" if section.dtype == "auto" else getattr(torch, section.dtype),
             attn_implementation=section.attn_implementation,
             **source,
         )
+    return LoadedPolicy(model, tokenizer, chat_prompt if section.chat_template else instruction)
+
+
+@contextlib.contextmanager
+def _load_errors(section: HFModelConfig) -> Iterator[None]:
+    """Turn what transformers raises for a missing or broken model (OSError, ValueError) into one line."""
+    try:
+        yield
     except (OSError, ValueError) as err:
         reason = " ".join(str(err).split())[:300]
         raise ModelLoadError(
             f"model.name_or_path: cannot load {section.name_or_path!r} ({reason}); give a Hub id such as "
             "Qwen/Qwen2.5-0.5B-Instruct or a local folder written by save_pretrained"
         ) from None
-    if section.chat_template and not tokenizer.chat_template:
-        raise ModelLoadError(
-            f"model.chat_template: the tokenizer of {section.name_or_path!r} has no chat template (got true); "
-            "set model.chat_template=false to prompt it with plain text"
-        )
-    return LoadedPolicy(model, tokenizer, chat_prompt if section.chat_template else instruction)

@@ -49,8 +49,8 @@ def stop_ids(policy: LoadedPolicy) -> list[int]:
     return [policy.tokenizer.eos_token_id, *configured]
 
 
-def _fail(problem: str) -> None:
-    print(f"Invalid configuration:\n  {problem}", file=sys.stderr)
+def _fail(*problems: str) -> None:
+    print("Invalid configuration:\n  " + "\n  ".join(problems), file=sys.stderr)
     raise SystemExit(EXIT_CONFIG_ERROR)
 
 
@@ -64,6 +64,7 @@ def train(config: RunConfig, run_dir: str | Path, factory: Any = None) -> float:
             from ``config.loss``.
     """
     from rl_loss.integrations.trl import RLLossGRPOTrainer
+    from rl_loss.integrations.trl_checks import grpo_config_problems
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from trl import GRPOConfig
 
@@ -76,13 +77,17 @@ def train(config: RunConfig, run_dir: str | Path, factory: Any = None) -> float:
         target_min=config.task.target_min,
         target_max=config.task.target_max,
     )
+    args = GRPOConfig(**grpo_config_kwargs(config, run_dir, world, cuda_available=device.type == "cuda"))
+    loss_config = trl_loss_config(config)
+    problems = grpo_config_problems(args, loss_config)  # RLLossGRPOTrainer's own checks, before the model loads
+    if problems:
+        _fail(*problems)
     try:
         policy: LoadedPolicy = import_entry(config.model.loader)(config.model, task, config.seed)
     except ModelLoadError as err:
         _fail(str(err))
     rollouts = config.trainer.max_steps // config.steps_per_rollout
     dataset = prompt_dataset(task, rollouts * config.rollout.prompts_per_rollout, policy.prompt_fn, config.seed)
-    args = GRPOConfig(**grpo_config_kwargs(config, run_dir, world, cuda_available=device.type == "cuda"))
 
     checkpoint = latest_checkpoint(run_dir) if config.resume else None
     if config.resume and checkpoint is None:
@@ -100,7 +105,7 @@ def train(config: RunConfig, run_dir: str | Path, factory: Any = None) -> float:
         train_dataset=dataset,
         processing_class=policy.tokenizer,
         callbacks=[metrics, SaveAtEndCallback(), stop],
-        loss_config=trl_loss_config(config),
+        loss_config=loss_config,
     )
     for printer in (PrinterCallback, ProgressCallback):  # the launcher's own progress display replaces them
         trainer.remove_callback(printer)
