@@ -323,3 +323,21 @@ def test_prompt_dataset_draws_the_toy_tasks_targets_in_order():
 def test_tiny_model_section_validates_head_counts():
     with pytest.raises(ValueError, match="num_key_value_heads: must divide num_attention_heads=4"):
         HFTinyModelConfig(num_key_value_heads=3)
+
+
+def test_launcher_and_toy_backend_never_import_trl_or_transformers(tmp_path):
+    code = f"""
+import sys
+import launchers.train, launchers.trainer, launchers.hf, launchers.hf.grpo_args
+from launchers.cli_help import render_help
+from launchers.preflight import compose_job, summary
+summary(compose_job(["backend=trl", "model=hf_tiny"]))
+render_help()
+launchers.trainer.train(compose_job(["trainer.max_steps=1", "rollout.prompts_per_rollout=2",
+    "rollout.n_samples_per_prompt=2", "trainer.global_batch_size=4", "trainer.micro_batch_size=4"]).config, {str(tmp_path)!r})
+print(",".join(m for m in sys.modules if m.split(".")[0] in ("trl", "transformers", "datasets", "accelerate")))
+"""
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1:] in ([], [""])
+    assert (tmp_path / "metrics.jsonl").exists()
