@@ -13,7 +13,7 @@ from launchers.config import RunConfig
 USAGE = """\
 usage: python -m launchers.train [-m] [GROUP=OPTION ...] [KEY=VALUE ...]
        torchrun --nproc-per-node K -m launchers.train parallel.cp_size=C [...]
-       accelerate launch -m launchers.train backend=trl model=hf model.name_or_path=ID device=cuda [...]
+       accelerate launch --multi_gpu --num_processes K -m launchers.train backend=trl model=hf model.name_or_path=ID device=cuda [...]
 
 Trains a policy with GRPO-family RL on the embedded digit-sum task, with the embedded toy trainer
 (backend=toy, default) or Hugging Face TRL (backend=trl model=hf_tiny|hf); every setting below can be

@@ -341,3 +341,23 @@ print(",".join(m for m in sys.modules if m.split(".")[0] in ("trl", "transformer
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1:] in ([], [""])
     assert (tmp_path / "metrics.jsonl").exists()
+
+
+def readme_command(heading: str) -> list[str]:
+    """The launcher overrides of the first bash block after ``heading`` in the README."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme[readme.index(heading):].split("```bash\n", 1)[1].split("```", 1)[0]
+    words = block.replace("\\\n", " ").split()
+    return words[words.index("launchers.train") + 1:]
+
+
+def test_readme_one_gpu_qwen_command_is_valid():
+    config = compose_job(readme_command("### One GPU: Qwen2.5-0.5B")).config
+    assert (config.backend.kind, config.model.name_or_path, config.loss.aggregation) == (
+        "trl", "Qwen/Qwen2.5-0.5B-Instruct", "prompt_mean")
+    assert config.device == "cuda" and config.backend.bf16
+
+
+def test_readme_accelerate_command_is_valid_on_its_four_processes():
+    config = compose_job(readme_command("### Several GPUs: accelerate"), world_size=4).config
+    assert grpo_config_kwargs(config, "run", world_size=4)["gradient_accumulation_steps"] == 4

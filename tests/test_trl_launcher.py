@@ -227,3 +227,28 @@ def test_ctrl_c_writes_a_checkpoint_before_exiting(tmp_path):
     last = read_metrics(tmp_path)[-1]["step"]
     assert (tmp_path / "checkpoints" / f"checkpoint-{last}" / "trainer_state.json").exists(), output[-3000:]
     assert "resume=true" in output
+
+
+def test_data_parallel_run_uses_the_world_size(tmp_path):
+    # accelerate launch --multi_gpu starts its processes with torchrun; on the CPU torchrun itself does
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "launchers.train", *SMALL,
+         "trainer.micro_batch_size=2", "trainer.max_steps=2", f"hydra.run.dir={tmp_path}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env=OFFLINE,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "world=2 (DP through accelerate)" in result.stdout + result.stderr
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records] == [1, 2]  # written once, by the first process
+    assert all(r["response_length_mean"] == r["tokens"] / 8 for r in records)  # both processes' samples
+
+
+def test_world_size_enters_the_batch_rules_under_torchrun(tmp_path):
+    # 8 samples per step do not split into micro-batches of 8 on each of 2 processes
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "launchers.train", *SMALL,
+         "trainer.micro_batch_size=8", f"hydra.run.dir={tmp_path}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env=OFFLINE,
+    )
+    assert result.returncode != 0
+    assert "trainer.micro_batch_size: a step of 8 samples over 2 DP rank(s)" in result.stderr
