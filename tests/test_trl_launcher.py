@@ -198,7 +198,7 @@ def test_sweep_of_presets_on_trl_dry_runs(capsys):
                                     "dry_run=true")
     assert code == 0, err
     assert f"dry run: {len(PRESETS)} job(s) valid, nothing started" in out
-    assert out.count("backend=trl model=hf_tiny") == len(PRESETS)
+    assert out.count("): backend=trl model=hf_tiny aggregation=") == len(PRESETS)
 
 
 def test_sweep_runs_trl_jobs_one_after_another(tmp_path, monkeypatch):
@@ -243,12 +243,9 @@ def test_data_parallel_run_uses_the_world_size(tmp_path):
     assert all(r["response_length_mean"] == r["tokens"] / 8 for r in records)  # both processes' samples
 
 
-def test_world_size_enters_the_batch_rules_under_torchrun(tmp_path):
-    # 8 samples per step do not split into micro-batches of 8 on each of 2 processes
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "launchers.train", *SMALL,
-         "trainer.micro_batch_size=8", f"hydra.run.dir={tmp_path}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, env=OFFLINE,
-    )
-    assert result.returncode != 0
-    assert "trainer.micro_batch_size: a step of 8 samples over 2 DP rank(s)" in result.stderr
+def test_world_size_from_the_environment_enters_the_batch_rules(capsys, monkeypatch):
+    # torchrun (and so accelerate launch) exports WORLD_SIZE to every process it starts
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, _, err = preflight_exit(capsys, *SMALL, "trainer.micro_batch_size=8")
+    assert code == 2
+    assert "trainer.micro_batch_size: a step of 8 samples over 2 DP rank(s)" in err
