@@ -361,3 +361,12 @@ def test_readme_one_gpu_qwen_command_is_valid():
 def test_readme_accelerate_command_is_valid_on_its_four_processes():
     config = compose_job(readme_command("### Several GPUs: accelerate"), world_size=4).config
     assert grpo_config_kwargs(config, "run", world_size=4)["gradient_accumulation_steps"] == 4
+
+
+def test_several_gpus_in_one_process_point_to_accelerate():
+    from launchers.hf.train import several_gpus_in_one_process
+
+    assert several_gpus_in_one_process(1) is None
+    assert several_gpus_in_one_process(4).startswith(
+        "device: 4 GPUs are visible to one process and TRL's GRPOTrainer does not support nn.DataParallel")
+    assert "accelerate launch --multi_gpu --num_processes 4" in several_gpus_in_one_process(4)

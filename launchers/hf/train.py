@@ -49,6 +49,17 @@ def stop_ids(policy: LoadedPolicy) -> list[int]:
     return [policy.tokenizer.eos_token_id, *configured]
 
 
+def several_gpus_in_one_process(n_gpu: int) -> str | None:
+    """The problem when one process sees several GPUs (the Trainer would use nn.DataParallel, which TRL refuses)."""
+    if n_gpu <= 1:
+        return None
+    return (
+        f"device: {n_gpu} GPUs are visible to one process and TRL's GRPOTrainer does not support nn.DataParallel "
+        f"(got device=cuda); launch one process per GPU with `accelerate launch --multi_gpu --num_processes {n_gpu} "
+        "-m launchers.train ...`, or make one GPU visible with CUDA_VISIBLE_DEVICES=0"
+    )
+
+
 def _fail(*problems: str) -> None:
     print("Invalid configuration:\n  " + "\n  ".join(problems), file=sys.stderr)
     raise SystemExit(EXIT_CONFIG_ERROR)
@@ -63,10 +74,11 @@ def train(config: RunConfig, run_dir: str | Path, factory: Any = None) -> float:
         factory: unused (Hydra's instance of the loss group); RLLossGRPOTrainer builds its reducers
             from ``config.loss``.
     """
-    from rl_loss.integrations.trl import RLLossGRPOTrainer
-    from rl_loss.integrations.trl_checks import grpo_config_problems
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from trl import GRPOConfig
+
+    from rl_loss.integrations.trl import RLLossGRPOTrainer
+    from rl_loss.integrations.trl_checks import grpo_config_problems
 
     run_dir = Path(run_dir)
     device = resolve_device(config.device)  # exits 2 on device=cuda without CUDA
@@ -79,7 +91,8 @@ def train(config: RunConfig, run_dir: str | Path, factory: Any = None) -> float:
     )
     args = GRPOConfig(**grpo_config_kwargs(config, run_dir, world, cuda_available=device.type == "cuda"))
     loss_config = trl_loss_config(config)
-    problems = grpo_config_problems(args, loss_config)  # RLLossGRPOTrainer's own checks, before the model loads
+    # RLLossGRPOTrainer's own checks and TRL's refusal of nn.DataParallel, before the model loads
+    problems = [*grpo_config_problems(args, loss_config), *filter(None, [several_gpus_in_one_process(args.n_gpu)])]
     if problems:
         _fail(*problems)
     try:
