@@ -29,10 +29,19 @@ def test_a_mode_trl_cannot_express_is_rejected_by_name(out):
     assert line.startswith("loss_config.aggregation:") and "'trajectory_mean'" in line and "sample_mean" in line
 
 
-def test_steps_per_generation_must_be_a_multiple_of_accumulation(out):
-    (line,) = problems(out, steps_per_generation=3, gradient_accumulation_steps=2)
-    assert line.startswith("GRPOConfig.steps_per_generation:") and "got steps_per_generation=3" in line
-    assert problems(out, steps_per_generation=4, gradient_accumulation_steps=2) == []
+@pytest.mark.parametrize("loss", [LossConfig(aggregation="token_mean"), LossConfig(aggregation="prompt_mean"),
+                                  LossConfig(custom_pg_reducer="tests.custom_weights:double_sample_mean")])
+def test_a_step_mixing_generations_needs_a_mode_of_local_weights(out, loss):
+    # GA 2 over generations of 1 micro-batch: the second half of a step is not generated when the first trains
+    (line,) = problems(out, loss, steps_per_generation=1, gradient_accumulation_steps=2)
+    assert line.startswith("GRPOConfig.steps_per_generation:") and "got steps_per_generation=1" in line
+    assert problems(out, loss, steps_per_generation=2, gradient_accumulation_steps=2) == []
+
+
+@pytest.mark.parametrize("loss", [LossConfig(aggregation="sample_mean"), LossConfig(aggregation="constant", divisor=6.0)])
+def test_sample_mean_and_constant_accept_any_steps_per_generation(out, loss):
+    assert problems(out, loss, steps_per_generation=1, gradient_accumulation_steps=2) == []
+    assert problems(out, loss, steps_per_generation=3, gradient_accumulation_steps=2) == []
 
 
 def test_prompt_mean_needs_one_optimizer_step_per_generation(out):
@@ -75,6 +84,11 @@ def test_delta_is_accepted_only_as_the_same_dual_clip(out):
     assert problems(out, LossConfig(eps_clip_c=3.0), delta=3.0) == []
 
 
+def test_parameters_of_trls_own_surrogates_are_rejected(out):
+    (line,) = problems(out, sapo_temperature_pos=2.0)
+    assert line.startswith("GRPOConfig.sapo_temperature_pos:") and "got 2.0" in line
+
+
 def test_sequence_level_ratio_needs_the_loss_configs_ratio_level(out):
     (line,) = problems(out, LossConfig(), importance_sampling_level="sequence")
     assert line.startswith("GRPOConfig.importance_sampling_level:") and "'sequence'" in line
@@ -106,13 +120,20 @@ def test_trl_only_token_edits_are_rejected(out, field, value):
     assert line.startswith(f"GRPOConfig.{field}:") and str(value) in line
 
 
-def test_explicit_advantage_settings_must_match_trls(out):
+def test_advantage_settings_that_are_set_must_match_trls(out):
     (estimator,) = problems(out, LossConfig(advantage_estimator="drgrpo"))
     assert estimator.startswith("loss_config.advantage_estimator:") and "scale_rewards='none'" in estimator
     assert problems(out, LossConfig(advantage_estimator="drgrpo"), scale_rewards="none") == []
-    (eps,) = problems(out, LossConfig(advantage_eps=1e-6))
+    (eps,) = problems(out, LossConfig(advantage_eps=1e-5))
     assert eps.startswith("loss_config.advantage_eps:") and "0.0001" in eps
     assert problems(out, LossConfig(advantage_eps=1e-4)) == []
+
+
+def test_loss_fields_at_their_defaults_count_as_unset(out):
+    # a Hydra-composed loss node sets every field, most of them to their defaults
+    every_field = LossConfig.model_validate(LossConfig().model_dump(by_alias=True))
+    assert "advantage_eps" in every_field.model_fields_set
+    assert problems(out, every_field, scale_rewards="none") == []
 
 
 def test_every_problem_is_one_line_of_one_error(out):

@@ -6,17 +6,21 @@ trainers (e.g. ``trl/experimental/gmpo``) override -- computes the per-token los
 :func:`rl_loss.policy_loss` and aggregates it with the configured mode over the **optimizer step**
 (all its micro-batches on all processes), SPEC §2-§3. Checked against trl 1.16.0 and transformers 5.
 
-Steps. :mod:`rl_loss.integrations.trl_steps` maps TRL's generation batches onto optimizer steps and
+Steps. :mod:`rl_loss.integrations.trl_steps` maps TRL's generation batches onto optimizer steps. When
+``steps_per_generation`` is a multiple of ``gradient_accumulation_steps`` (TRL's default: equal), it
 builds one :class:`~rl_loss.StepBatch` per step from every process's loss masks, exchanged once per
-generation (one all-gather of an int32 ``(slices, rows, max_completion_length + 3)`` tensor). A
-prompt group is the ``num_generations`` completions of one prompt.
+generation (one all-gather of an int32 ``(slices, rows, max_completion_length + 3)`` tensor); a prompt
+group is the ``num_generations`` completions of one prompt. Otherwise a step mixes generation batches
+and only sample_mean and constant are accepted: their weight of a sample needs only N and its own
+tokens, so each micro-batch is reduced in a step of its own rows and fully masked placeholders for
+the step's other samples, with no collective.
 
 Scaling. Each micro-step returns ``num_processes * partial``, where ``partial`` is this process's
 share of the step objective J for its micro-batch. The Hugging Face Trainer does not rescale it
 (``GRPOTrainer.loss_is_scaled_for_ga = True``; Accelerate runs with ``num_steps=1``), gradients add up
 over the micro-steps, and DDP averages them over the processes: the gradient is ``grad J`` exactly,
 whatever ``gradient_accumulation_steps``, ``per_device_train_batch_size``, ``steps_per_generation``
-(a multiple of GA) and number of processes. The logged ``loss`` (the processes' mean of the summed
+and number of processes. The logged ``loss`` (the processes' mean of the summed
 micro-step losses) is J.
 
 Where this differs from TRL's own loss (TRL 1.16, ``GRPOTrainer._compute_loss``):
@@ -46,6 +50,7 @@ at construction (:mod:`rl_loss.integrations.trl_checks`).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -53,7 +58,7 @@ import torch
 from torch import Tensor
 from trl import GRPOTrainer
 
-from rl_loss.aggregation import ReducerFactory
+from rl_loss.aggregation import EmptyStepWarning, ReducerFactory, TokenReducer
 from rl_loss.config import LossConfig
 from rl_loss.integrations.trl_checks import check_grpo_config
 from rl_loss.integrations.trl_steps import (
@@ -61,11 +66,11 @@ from rl_loss.integrations.trl_steps import (
     GenerationSteps,
     generation_rows,
     loss_mask,
+    placeholder_step,
     slice_metadata,
     step_batch,
 )
 from rl_loss.policy_loss import policy_loss
-from rl_loss.step import StepBatch
 
 TRL_CHECKED = "1.16.0"
 """trl release whose GRPOTrainer batching, scaling and config fields this module was derived from."""
@@ -106,6 +111,9 @@ class RLLossGRPOTrainer(GRPOTrainer):
         self.reducers = ReducerFactory(self.loss_config)
         self._rl_buffer: list | None = None
         self._rl_steps: GenerationSteps | None = None
+        # steps_per_generation a multiple of GA: whole-step StepBatches; otherwise placeholder steps
+        self._rl_whole_steps = self.args.steps_per_generation % self.args.gradient_accumulation_steps == 0
+        self._rl_micro = 0  # micro-steps taken in the current optimizer step (placeholder steps)
         self._rl_partials: dict[str, Tensor] = {}
 
     # -- batches -> steps -------------------------------------------------------------------------------
@@ -118,7 +126,7 @@ class RLLossGRPOTrainer(GRPOTrainer):
 
     def _prepare_inputs(self, generation_batch: Any) -> dict[str, Any]:
         inputs = super()._prepare_inputs(generation_batch)
-        if self.model.training and self._buffered_inputs is not self._rl_buffer:
+        if self.model.training and self._rl_whole_steps and self._buffered_inputs is not self._rl_buffer:
             self._rl_buffer = self._buffered_inputs
             self._rl_steps = GenerationSteps.from_buffer(
                 self._buffered_inputs,
@@ -134,20 +142,39 @@ class RLLossGRPOTrainer(GRPOTrainer):
         multiple = self.pad_to_multiple_of or 1
         return -(-self.max_completion_length // multiple) * multiple
 
-    def _step_of(self, inputs: dict[str, Any], mode: str) -> tuple[StepBatch, list[int] | None, bool]:
-        """(StepBatch, this micro-batch's samples in it, whether the micro-step ends the optimizer step)."""
+    def _micro_step(self, inputs: dict[str, Any], mode: str) -> tuple[TokenReducer, TokenReducer, bool, dict | None]:
+        """This micro-batch's pg and metric reducers, whether it ends its optimizer step, and the step's figures.
+
+        The figures (tokens, empty_step, loss_scale_vs_token_mean) come from the whole step's StepBatch,
+        or are ``None`` for a placeholder step: then each micro-step adds its share and they are reduced
+        with the other metrics at the step's end.
+        """
         if mode != "train":  # eval: each process's batch is its own step
-            rows = slice_metadata([inputs], loss_mask(inputs).shape[1])[0]
-            return step_batch(rows, self.num_generations_eval), None, True
-        if self.current_gradient_accumulation_steps != self.args.gradient_accumulation_steps:
-            raise RuntimeError(
-                f"an optimizer step of {self.current_gradient_accumulation_steps} micro-steps instead of "
-                f"gradient_accumulation_steps={self.args.gradient_accumulation_steps}: the epoch is not a whole number "
-                "of optimizer steps, which TRL's generation batching rules out; report this with your GRPOConfig"
-            )
-        slice_index = self._step % self.args.steps_per_generation
-        steps = self._rl_steps
-        return steps.step(slice_index), steps.micro_batch_samples(slice_index), steps.is_last_micro_step(slice_index)
+            step = step_batch(slice_metadata([inputs], loss_mask(inputs).shape[1])[0], self.num_generations_eval)
+            return self.reducers.pg_reducer(step), self.reducers.metric_reducer(step), True, self.reducers.step_metrics(step)
+        accumulation = self.current_gradient_accumulation_steps
+        if self._rl_whole_steps:
+            if accumulation != self.args.gradient_accumulation_steps:
+                raise RuntimeError(
+                    f"an optimizer step of {accumulation} micro-steps instead of gradient_accumulation_steps="
+                    f"{self.args.gradient_accumulation_steps}: the epoch is not a whole number of optimizer steps, which "
+                    "TRL's generation batching rules out; report this with your GRPOConfig"
+                )
+            slice_index = self._step % self.args.steps_per_generation
+            steps = self._rl_steps
+            step, samples = steps.step(slice_index), steps.micro_batch_samples(slice_index)
+            ends_step = steps.is_last_micro_step(slice_index)
+            figures = self.reducers.step_metrics(step) if ends_step else None
+            return self.reducers.pg_reducer(step, samples), self.reducers.metric_reducer(step, samples), ends_step, figures
+        # a step mixing generation batches (sample_mean / constant only): this micro-batch + placeholders
+        rows = slice_metadata([inputs], loss_mask(inputs).shape[1])[0]
+        step = placeholder_step(rows, accumulation * rows.shape[0] * self.accelerator.num_processes)
+        samples = list(range(rows.shape[0]))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", EmptyStepWarning)  # judged on the whole step, at its end
+            pg_reducer = self.reducers.pg_reducer(step, samples)
+        self._rl_micro = (self._rl_micro + 1) % accumulation
+        return pg_reducer, self.reducers.metric_reducer(step, samples), self._rl_micro == 0, None
 
     # -- the loss ---------------------------------------------------------------------------------------
 
@@ -160,9 +187,7 @@ class RLLossGRPOTrainer(GRPOTrainer):
             model, input_ids, attention_mask, completion_ids.size(1), compute_entropy=True,
             compute_aux_loss=self.aux_loss_enabled, **{key: inputs.get(key) for key in _FORWARD_KEYS},
         )
-        step, samples, ends_step = self._step_of(inputs, mode)
-        pg_reducer = self.reducers.pg_reducer(step, samples)
-        metric_reducer = self.reducers.metric_reducer(step, samples)
+        pg_reducer, metric_reducer, ends_step, figures = self._micro_step(inputs, mode)
 
         old = inputs.get("old_per_token_logps")
         old = logps.detach() if old is None else old
@@ -182,23 +207,32 @@ class RLLossGRPOTrainer(GRPOTrainer):
             accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1
             loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
             metrics["aux_loss"] = aux_loss.detach() / (accumulation * world)
-        self._record_metrics(step, metrics, mode, ends_step)
+        if figures is None and mode == "train":  # this micro-batch's share of the step's figures
+            metrics["tokens"] = torch.tensor(float(pg_reducer.token_count()))
+            metrics["loss_scale_vs_token_mean"] = pg_reducer.weights().sum()
+        self._record_metrics(metrics, mode, ends_step, figures)
         return loss
 
-    def _record_metrics(self, step: StepBatch, partials: dict[str, Tensor], mode: str, ends_step: bool) -> None:
+    def _record_metrics(self, partials: dict[str, Tensor], mode: str, ends_step: bool, figures: dict | None) -> None:
         """Add this micro-step's metric partials; at the step's end, reduce over processes and log once."""
         for name, value in partials.items():
+            value = value.detach().float().to(self.accelerator.device)
             previous = self._rl_partials.get(name)
-            self._rl_partials[name] = value.detach() if previous is None else previous + value.detach()
+            self._rl_partials[name] = value if previous is None else previous + value
         if not ends_step:
             return
         names = sorted(self._rl_partials)
-        values = torch.stack([self._rl_partials[name].float() for name in names])
+        values = torch.stack([self._rl_partials[name] for name in names])
         values = self.accelerator.reduce(values, reduction="sum" if mode == "train" else "mean")
+        step_values = dict(zip(names, values.tolist(), strict=True))
+        if figures is None:
+            figures = {"empty_step": float(step_values["tokens"] == 0)}
+            if step_values["tokens"] == 0:
+                warnings.warn("every loss-mask entry of the optimizer step is 0: pg_loss is 0 with zero gradient "
+                              "(metric empty_step=1)", EmptyStepWarning, stacklevel=2)
+        step_values.update(figures)
         metrics = self._metrics[mode]
-        for name, value in zip(names, values.tolist(), strict=True):
-            metrics[name].append(value)
-        for name, value in self.reducers.step_metrics(step).items():
+        for name, value in step_values.items():
             metrics[name].append(float(value))
         self._rl_partials.clear()
 

@@ -5,7 +5,7 @@ read is accepted when it is left at TRL's default (the loss config decides) or w
 thing as the loss config; any other value would be silently ignored or contradict the loss config,
 so it is rejected when the trainer is built, one line per problem naming the field, the value and the
 fix. TRL keeps what is TRL's: generation, rewards and advantages (``scale_rewards``), so the loss
-config's advantage fields, when given explicitly, must agree with it.
+config's advantage fields, when set to other values than their defaults, must agree with it.
 
 This module reads the GRPOConfig as a plain object (its dataclass defaults); it does not import trl.
 """
@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from rl_loss.config import AGGREGATIONS, LossConfig
+from rl_loss.integrations.trl_steps import LOCAL_MODES
 
 SUPPORTED_AGGREGATIONS: tuple[str, ...] = ("sample_mean", "prompt_mean", "token_mean", "constant")
 """Modes RLLossGRPOTrainer implements; any other mode of :data:`rl_loss.AGGREGATIONS` is rejected."""
@@ -73,21 +74,23 @@ def _aggregation_supported(args: Any, loss: LossConfig) -> str | None:
     return f"loss_config.aggregation: {known} that RLLossGRPOTrainer does not implement (got {mode!r}); {hint}"
 
 
-def _steps_within_one_generation(args: Any, loss: LossConfig) -> str | None:
+def _step_masks_available(args: Any, loss: LossConfig) -> str | None:
     spg, ga = args.steps_per_generation, args.gradient_accumulation_steps
-    if spg % ga == 0:
+    needs_all_masks = loss.custom_pg_reducer is not None or loss.aggregation not in LOCAL_MODES
+    if spg % ga == 0 or not needs_all_masks:
         return None
+    mode = "custom_pg_reducer" if loss.custom_pg_reducer is not None else f"aggregation={loss.aggregation}"
     return (
-        f"GRPOConfig.steps_per_generation: an optimizer step of gradient_accumulation_steps={ga} micro-batches would "
-        f"mix completions of two generation batches of {spg} micro-batches, so its denominators would depend on "
-        f"completions not generated yet (got steps_per_generation={spg}); set steps_per_generation to a multiple of "
-        f"gradient_accumulation_steps, e.g. {ga} (TRL's default)"
+        f"GRPOConfig.steps_per_generation: an optimizer step of gradient_accumulation_steps={ga} micro-batches mixes "
+        f"generation batches of {spg} micro-batches, so {mode} would need the loss masks of completions not "
+        f"generated yet (got steps_per_generation={spg}); set steps_per_generation to a multiple of "
+        f"gradient_accumulation_steps, e.g. {ga} (TRL's default), or use sample_mean or constant"
     )
 
 
 def _prompt_groups_within_one_step(args: Any, loss: LossConfig) -> str | None:
     spg, ga = args.steps_per_generation, args.gradient_accumulation_steps
-    if loss.aggregation != "prompt_mean" or spg == ga:
+    if loss.aggregation != "prompt_mean" or spg == ga or spg % ga:  # (spg % ga: _step_masks_available says it)
         return None
     return (
         f"GRPOConfig.steps_per_generation: with aggregation=prompt_mean a prompt group must lie in one optimizer step, "
@@ -153,12 +156,25 @@ def _dual_clip_agrees(args: Any, loss: LossConfig) -> str | None:
 
 def _ratio_level_agrees(args: Any, loss: LossConfig) -> str | None:
     ours = getattr(loss, "ratio_level", "token")
-    if args.importance_sampling_level == ours:
+    if _is_default(args, "importance_sampling_level") or args.importance_sampling_level == ours:
         return None
     return (
         f"GRPOConfig.importance_sampling_level: must equal loss_config's ratio level ({ours}), which decides the "
         f"ratio (got importance_sampling_level={args.importance_sampling_level!r}); set it to {ours!r}"
     )
+
+
+def _no_trl_surrogate_parameters(args: Any, loss: LossConfig) -> str | None:
+    # read only by TRL's own sapo / vespo losses; rl-loss takes a surrogate's parameters from loss_config
+    names = ("sapo_temperature_pos", "sapo_temperature_neg", "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg",
+             "vespo_lambda_neg")
+    problems = [
+        f"GRPOConfig.{name}: a parameter of TRL's own loss, which RLLossGRPOTrainer replaces (got {getattr(args, name)}); "
+        "leave it at its default and set the surrogate's parameters in loss_config"
+        for name in names
+        if not _is_default(args, name)
+    ]
+    return "\n".join(problems) or None
 
 
 def _kl_coef_is_beta(args: Any, loss: LossConfig) -> str | None:
@@ -218,17 +234,21 @@ def _no_trl_only_token_edits(args: Any, loss: LossConfig) -> str | None:
     return "\n".join(problems) or None
 
 
+def _given(loss: LossConfig, name: str) -> bool:
+    """Was ``name`` set to a value other than its default? (A Hydra-composed loss node sets every field.)"""
+    return name in loss.model_fields_set and getattr(loss, name) != type(loss).model_fields[name].default
+
+
 def _advantages_agree(args: Any, loss: LossConfig) -> str | None:
     problems = []
-    explicit = loss.model_fields_set
     wanted = SCALE_REWARDS.get(loss.advantage_estimator)
-    if "advantage_estimator" in explicit and wanted != args.scale_rewards:
+    if _given(loss, "advantage_estimator") and wanted != args.scale_rewards:
         fix = f"set scale_rewards={wanted!r}" if wanted else "drop loss_config.advantage_estimator"
         problems.append(
             f"loss_config.advantage_estimator: TRL computes the advantages, with scale_rewards={args.scale_rewards!r} "
             f"(got advantage_estimator={loss.advantage_estimator!r}); {fix}"
         )
-    if "advantage_eps" in explicit and not _same(loss.advantage_eps, TRL_ADVANTAGE_EPS):
+    if _given(loss, "advantage_eps") and not _same(loss.advantage_eps, TRL_ADVANTAGE_EPS):
         problems.append(
             f"loss_config.advantage_eps: TRL adds a fixed {TRL_ADVANTAGE_EPS} to the reward std "
             f"(got advantage_eps={loss.advantage_eps}); drop it"
@@ -238,12 +258,13 @@ def _advantages_agree(args: Any, loss: LossConfig) -> str | None:
 
 RULES: tuple[Callable[[Any, LossConfig], str | None], ...] = (
     _aggregation_supported,
-    _steps_within_one_generation,
+    _step_masks_available,
     _prompt_groups_within_one_step,
     _loss_type_agrees,
     _clip_range_agrees,
     _dual_clip_agrees,
     _ratio_level_agrees,
+    _no_trl_surrogate_parameters,
     _kl_coef_is_beta,
     _kl_without_bias_correction,
     _entropy_from_loss_config,

@@ -15,13 +15,19 @@ How TRL 1.16's ``GRPOTrainer`` feeds its loss (``trl/trainer/grpo_trainer.py``):
 - The Hugging Face Trainer makes one optimizer step of ``gradient_accumulation_steps`` (GA)
   consecutive micro-steps; every epoch is a whole number of generation cycles.
 
-With ``steps_per_generation`` a multiple of GA (checked when the trainer is built), the optimizer step
-of micro-step ``m`` therefore holds slices ``[k0, k0 + GA)`` of the current generation on **every**
-process, ``k0 = (m % steps_per_generation) // GA * GA``. :class:`GenerationSteps` keeps, for the
-current generation, every process's per-row loss masks (one all-gather per generation, which is at
-most one per optimizer step) and builds one :class:`~rl_loss.StepBatch` per optimizer step from them,
-samples ordered (slice, process, row): the micro-batch of one process is then a run of consecutive
-samples, reduced from a slice of the step's weights.
+With ``steps_per_generation`` a multiple of GA, the optimizer step of micro-step ``m`` therefore holds
+slices ``[k0, k0 + GA)`` of the current generation on **every** process,
+``k0 = (m % steps_per_generation) // GA * GA``. :class:`GenerationSteps` keeps, for the current
+generation, every process's per-row loss masks (one all-gather per generation, which is at most one
+per optimizer step) and builds one :class:`~rl_loss.StepBatch` per optimizer step from them, samples
+ordered (slice, process, row): the micro-batch of one process is then a run of consecutive samples,
+reduced from a slice of the step's weights.
+
+Otherwise (e.g. GA > steps_per_generation) a step mixes generation batches and its later micro-batches
+are not generated yet when the first is trained. Modes whose weight of a sample needs only N and the
+sample's own tokens (:data:`LOCAL_MODES`: sample_mean, constant) are still exact: :func:`placeholder_step`
+is the step as seen from one micro-batch, its rows followed by fully masked placeholders for the other
+N - B samples (they add no token and only count in N, SPEC §2). The other modes are rejected then.
 
 This module only follows TRL's contract; it imports neither trl nor transformers.
 """
@@ -39,6 +45,9 @@ ROW_KEY = "rl_loss_row"
 """Key added to TRL's batches: each row's index in the global generation batch (it survives TRL's shuffle)."""
 
 _META_COLUMNS = 3  # after the padded mask: completion width, prompt length, global row
+
+LOCAL_MODES: tuple[str, ...] = ("sample_mean", "constant")
+"""Modes whose weight of a sample needs only N and the sample's own tokens, not the other samples' masks."""
 
 
 def loss_mask(inputs: Mapping[str, Tensor]) -> Tensor:
@@ -94,6 +103,27 @@ def step_batch(rows: Tensor, num_generations: int) -> StepBatch:
         total_lengths=lengths + rows[:, width + 1].clamp_min(1),
         loss_masks=rows[:, :width][held],
         group_index=rows[:, width + 2] // num_generations,
+    )
+
+
+def placeholder_step(rows: Tensor, num_samples: int) -> StepBatch:
+    """A step of ``num_samples`` samples seen from one micro-batch: its metadata ``rows`` (B, width + 3)
+    first, then fully masked one-token placeholders for the other samples (exact for :data:`LOCAL_MODES`).
+
+    Raises:
+        ValueError: when the micro-batch has more rows than the step has samples.
+    """
+    rows = rows.detach().to("cpu", torch.long)
+    width = rows.shape[1] - _META_COLUMNS
+    others = num_samples - rows.shape[0]
+    if others < 0:
+        raise ValueError(f"a micro-batch of {rows.shape[0]} rows does not fit a step of {num_samples} samples")
+    lengths = rows[:, width]
+    held = torch.arange(width) < lengths[:, None]
+    return StepBatch(
+        response_lengths=torch.cat([lengths, torch.ones(others, dtype=torch.long)]),
+        total_lengths=torch.cat([lengths + rows[:, width + 1].clamp_min(1), torch.full((others,), 2)]),
+        loss_masks=torch.cat([rows[:, :width][held], torch.zeros(others, dtype=torch.long)]),
     )
 
 
