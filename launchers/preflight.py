@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf, open_dict
-from pydantic import ValidationError
+from omegaconf.errors import MissingMandatoryValue
+from pydantic import BaseModel, ValidationError
 
-from launchers.conf_store import register_configs
+from launchers.conf_store import GROUP_SECTIONS, is_schema_node, register_configs, section_options
 from launchers.config import RunConfig
 from rl_loss import config_errors
 from rl_loss.config_errors import ConfigError
@@ -59,11 +60,40 @@ def validate_run(data: dict[str, Any], world_size: int = 1) -> tuple[RunConfig, 
 
 def format_validation_error(err: ValidationError) -> list[str]:
     """One line per pydantic error of a RunConfig: ``section.field: what is wrong (got value)``."""
-    return config_errors.format_validation_error(err, RunConfig)
+    return config_errors.format_validation_error(err, RunConfig, normalize_loc=_without_group_tags, names_at=field_names)
+
+
+def _without_group_tags(loc: list[str]) -> list[str]:
+    """Drop the tag pydantic puts after a group section (``model.hf_tiny.hidden_size`` -> ``model.hidden_size``)."""
+    if len(loc) > 1 and loc[0] in GROUP_SECTIONS and loc[1] in section_options(loc[0]):
+        return [loc[0], *loc[2:]]
+    return loc
+
+
+def field_names(loc: list[str]) -> list[str]:
+    """Field names (and aliases) of the model at ``loc`` in the RunConfig tree (empty if none).
+
+    A group section (``backend``, ``model``) offers the fields of every one of its options.
+    """
+    if len(loc) == 1 and loc[0] in GROUP_SECTIONS:
+        return sorted({name for option in section_options(loc[0]).values() for name in field_names_of(option)})
+    model: type[BaseModel] = RunConfig
+    for part in loc:
+        field = model.model_fields.get(part)
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return field_names_of(model)
+
+
+def field_names_of(model: type[BaseModel]) -> list[str]:
+    """Field names (aliases where set) of one model."""
+    return [f.alias or name for name, f in model.model_fields.items()]
 
 
 def _hydra_error_lines(err: Exception, override: str | None = None) -> list[str]:
-    return config_errors.hydra_error_lines(err, override, RunConfig)
+    return config_errors.hydra_error_lines(err, override, RunConfig, hidden_options=is_schema_node, names_at=field_names)
 
 
 def compose_job(overrides: list[str], world_size: int = 1) -> Job:
@@ -85,14 +115,30 @@ def compose_job(overrides: list[str], world_size: int = 1) -> Job:
         raise ConfigError(_hydra_error_lines(err, _blamed_override(err, overrides))) from None
     finally:
         GlobalHydra.instance().clear()
+    choices = {section: cfg.hydra.runtime.choices.get(section) for section in GROUP_SECTIONS}
     with open_dict(cfg):
         del cfg["hydra"]
     try:
-        data = OmegaConf.to_container(cfg, resolve=True)
+        data = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as err:
+        raise ConfigError([f"{err.full_key}: is required (got nothing); set {err.full_key}=VALUE"]) from None
     except Exception as err:
         raise ConfigError([f"interpolation: {str(err).splitlines()[0]}"]) from None
+    _check_group_tags(data, choices)
     config, warns = validate_run(data, world_size)
     return Job(tuple(overrides), config, tuple(warns))
+
+
+def _check_group_tags(data: dict[str, Any], choices: dict[str, str | None]) -> None:
+    """A group section's ``kind`` is its option: ``model.kind=hf`` on the command line is a slip for ``model=hf``."""
+    problems = [
+        f"{section}.kind: is set by the group option (got {data[section]['kind']!r} with {section}={option}); "
+        f"pick the option instead: {section}={data[section]['kind']}"
+        for section, option in choices.items()
+        if option is not None and isinstance(data.get(section), dict) and data[section].get("kind") != option
+    ]
+    if problems:
+        raise ConfigError(problems)
 
 
 def _blamed_override(err: Exception, overrides: list[str]) -> str | None:
@@ -113,7 +159,7 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
 
 
 def summary(job: Job) -> str:
-    """One line: mode, divisor, steps per rollout and micro-batches per step."""
+    """One line: backend and model, mode, divisor, steps per rollout and micro-batches per step (and the backend's layout)."""
     cfg = job.config
     world = world_size_from_env()
     dp_size = max(world // cfg.parallel.cp_size, 1)
@@ -121,9 +167,10 @@ def summary(job: Job) -> str:
     divisor = f"{cfg.loss.divisor:g}" if cfg.loss.divisor is not None else "-"
     mode = f"custom({cfg.loss.custom_pg_reducer})" if cfg.loss.custom_pg_reducer else cfg.loss.aggregation
     return (
+        f"backend={cfg.backend.kind} model={cfg.model.kind} "
         f"aggregation={mode} divisor={divisor} advantages={cfg.loss.advantage_estimator} "
-        f"steps_per_rollout={cfg.steps_per_rollout} micro_batches_per_step={micro} (per DP rank, DP={dp_size}, "
-        f"CP={cfg.parallel.cp_size}, {cfg.parallel.qkv_format}) max_steps={cfg.trainer.max_steps}"
+        f"steps_per_rollout={cfg.steps_per_rollout} micro_batches_per_step={micro} (per DP rank, "
+        f"{cfg.backend.layout_summary(cfg, world)}) max_steps={cfg.trainer.max_steps}"
     )
 
 

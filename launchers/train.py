@@ -2,7 +2,8 @@
 
 The command line is validated whole (every sweep job) by :mod:`launchers.preflight` before Hydra
 starts any job; each job then validates its composed config again with the real world size and runs
-:func:`launchers.trainer.train` in Hydra's run folder.
+:func:`launchers.trainer.train` (``backend=toy``) or :func:`launchers.hf.train.train` (``backend=trl``) in
+Hydra's run folder; the backend section names its entry point, imported only when the job starts.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from launchers.backends import import_entry
 from launchers.conf_store import register_configs
 from launchers.preflight import CONFIG_DIR, CONFIG_NAME, ConfigError, validate_run, world_size_from_env
 
@@ -28,8 +30,7 @@ def hydra_job(cfg: DictConfig) -> float | None:
     except ConfigError as err:
         print("Invalid configuration:\n  " + "\n  ".join(err.problems), file=sys.stderr)
         raise SystemExit(2) from None
-    from launchers.trainer import train
-
+    train = import_entry(config.backend.entry_point)  # the backend's trainer, imported only now
     factory = hydra.utils.instantiate(cfg.loss)  # the loss group's _target_: rl_loss.build_reducer_factory
     return train(config, HydraConfig.get().runtime.output_dir, factory=factory)
 

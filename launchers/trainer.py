@@ -124,7 +124,7 @@ class Trainer:
             target_min=config.task.target_min,
             target_max=config.task.target_max,
         )
-        sizes = config.model.model_dump()
+        sizes = config.model.model_dump(exclude={"kind"})
         self.policy = ToyPolicy(ToyModelConfig.for_task(self.task, **sizes)).to(device)
         self.reference = copy.deepcopy(self.policy).requires_grad_(False) if config.loss.kl_coef > 0 else None
         self.optimizer = torch.optim.AdamW(

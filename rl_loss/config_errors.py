@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -25,20 +26,37 @@ class ConfigError(ValueError):
         self.problems = problems
 
 
-def format_validation_error(err: ValidationError, model: type[BaseModel], prefix: str = "") -> list[str]:
+NamesAt = Callable[[list[str]], list[str]]
+"""Field names offered at a dotted location of a config tree (for did-you-mean)."""
+
+
+def format_validation_error(
+    err: ValidationError,
+    model: type[BaseModel],
+    prefix: str = "",
+    *,
+    normalize_loc: Callable[[list[str]], list[str]] | None = None,
+    names_at: NamesAt | None = None,
+) -> list[str]:
     """One line per pydantic error: ``prefix.field: what is wrong (got value)``, did-you-mean for typos.
 
     Args:
         err: raised by ``model.model_validate``.
         model: the validated model (its fields name the keys and suggest the close matches).
         prefix: dotted path of the model in the user's config (``"loss"`` for a Hydra loss group).
+        normalize_loc: rewrites pydantic's error location into the user's key path (e.g. drops the
+            tag pydantic inserts for a member of a tagged union).
+        names_at: field names at a location, when ``model``'s own tree does not say (tagged unions).
     """
     lead = [prefix] if prefix else []
     lines = []
     for e in err.errors():
         loc = [str(part) for part in e["loc"]]
+        if normalize_loc is not None:
+            loc = normalize_loc(loc)
         if e["type"] == "extra_forbidden":
-            lines.append(f"{'.'.join(lead + loc)}: unknown key{did_you_mean(model, loc, lead)} (got {show(e['input'])})")
+            hint = did_you_mean(model, loc, lead, names_at)
+            lines.append(f"{'.'.join(lead + loc)}: unknown key{hint} (got {show(e['input'])})")
             continue
         msg = e["msg"].removeprefix("Value error, ")
         for line in msg.split("\n"):
@@ -70,9 +88,12 @@ def field_names(model: type[BaseModel], loc: list[str]) -> list[str]:
     return [f.alias or name for name, f in model.model_fields.items()]
 
 
-def did_you_mean(model: type[BaseModel], loc: list[str], lead: list[str] | None = None) -> str:
+def did_you_mean(
+    model: type[BaseModel], loc: list[str], lead: list[str] | None = None, names_at: NamesAt | None = None
+) -> str:
     """``"; did you mean 'a.b'?"`` for the closest field name to ``loc[-1]``, or ``""``."""
-    close = difflib.get_close_matches(loc[-1], field_names(model, loc[:-1]), n=1, cutoff=0.6)
+    names = names_at(loc[:-1]) if names_at is not None else field_names(model, loc[:-1])
+    close = difflib.get_close_matches(loc[-1], names, n=1, cutoff=0.6)
     return f"; did you mean '{'.'.join([*(lead or []), *loc[:-1], close[0]])}'?" if close else ""
 
 
@@ -81,7 +102,8 @@ def hydra_error_lines(
     override: str | None = None,
     model: type[BaseModel] | None = None,
     prefix: str = "",
-    hidden_options: tuple[str, ...] = ("base",),
+    hidden_options: tuple[str, ...] | Callable[[str], bool] = ("base",),
+    names_at: NamesAt | None = None,
 ) -> list[str]:
     """One line for a Hydra composition error: unknown group option (did-you-mean), unknown key, or its first line.
 
@@ -90,13 +112,16 @@ def hydra_error_lines(
         override: the command-line override it blames, when known.
         model: the config's model, to suggest a close key name for an unknown key.
         prefix: dotted path of ``model`` in the composed config (``"loss"`` when it is the loss group).
-        hidden_options: group options not to list as available (the schema node ``base``).
+        hidden_options: group options not to list as available (the schema node ``base``), or a
+            predicate naming them.
+        names_at: as in :func:`format_validation_error`.
     """
+    hidden = hidden_options if callable(hidden_options) else hidden_options.__contains__
     text = str(err)
     missing = re.search(r"Could not find '([^']+)/([^']+)'", text)
     if missing:
         group, option = missing.groups()
-        options = [o for o in re.findall(r"^\t(\S+)$", text, flags=re.M) if o not in hidden_options]
+        options = [o for o in re.findall(r"^\t(\S+)$", text, flags=re.M) if not hidden(o)]
         close = difflib.get_close_matches(option, options, n=1)
         hint = f"did you mean '{group}={close[0]}'? " if close else ""
         return [f"{group}={option}: no such option; {hint}(available: {', '.join(options)})"]
@@ -105,12 +130,13 @@ def hydra_error_lines(
         key = not_struct.group(1).split(".")
         lead, inner = ([], key) if not prefix else ([prefix], key[1:] if key[0] == prefix else [])
         got = override or text.splitlines()[0]
-        if model is not None and inner and inner[-1] in field_names(model, inner[:-1]):
+        known = (names_at(inner[:-1]) if names_at is not None else field_names(model, inner[:-1])) if model else []
+        if model is not None and inner and inner[-1] in known:
             return [
                 f"{'.'.join(key)}: is a field but not in the composed config, whose defaults list lacks base "
                 f"(got {got}); add base to the defaults list or write +{got.lstrip('+')}"
             ]
-        hint = did_you_mean(model, inner, lead) if model is not None and inner else ""
+        hint = did_you_mean(model, inner, lead, names_at) if model is not None and inner else ""
         return [f"{'.'.join(key)}: unknown key{hint} (got {got})"]
     first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
     return [f"{override + ': ' if override else ''}{first}"]
