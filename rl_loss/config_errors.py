@@ -130,8 +130,8 @@ def hydra_error_lines(
         key = not_struct.group(1).split(".")
         lead, inner = ([], key) if not prefix else ([prefix], key[1:] if key[0] == prefix else [])
         got = override or text.splitlines()[0]
-        known = (names_at(inner[:-1]) if names_at is not None else field_names(model, inner[:-1])) if model else []
-        if model is not None and inner and inner[-1] in known:
+        # a field of the model itself (not merely of some option of a group) that the composition lacks
+        if model is not None and inner and inner[-1] in field_names(model, inner[:-1]):
             return [
                 f"{'.'.join(key)}: is a field but not in the composed config, whose defaults list lacks base "
                 f"(got {got}); add base to the defaults list or write +{got.lstrip('+')}"
