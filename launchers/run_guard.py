@@ -208,6 +208,7 @@ def decide(config: RunConfig, run_dir: Path) -> Verdict:
             "Resume with the run's own settings, start a new run in another folder, or add allow_recipe_change=true "
             "to continue with these changes anyway (they are logged).",
         ])
+    found = [c for c in found if c.field != "resume"]  # the switch of this very launch
     for c in found:
         if run_invariant(c.field):
             notes.append((logging.INFO, f"resume: accepted run-invariant change {c}"))
