@@ -101,6 +101,7 @@ def verify_checksum(path: Path) -> str | None:
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> Path:
     """Write ``state`` atomically, then its checksum file; ``state`` must hold tensors and plain containers."""
+    checksum_path(path).unlink(missing_ok=True)  # an older file's checksum must never vouch for this one
     save_atomic(state, path)
     write_checksum(path)
     return path
