@@ -82,7 +82,8 @@ def train(config: RunConfig, run_dir: str | Path, factory: ReducerFactory | None
     try:
         with open_run(config, run_dir, is_main=ctx.is_main, agree=agree) as run:  # lock + recipe guard
             trainer = Trainer(run.config, Path(run_dir), ctx, device, factory or ReducerFactory(config.loss))
-            resumed = run.config.resume and resume_newest(run_dir, trainer.restore, device, is_main=ctx.is_main,
+            # loaded on the CPU: RNG states must stay CPU tensors; load_state_dict copies onto the model's device
+            resumed = run.config.resume and resume_newest(run_dir, trainer.restore, "cpu", is_main=ctx.is_main,
                                                           agree=agree)
             if run.config.resume and resumed is None and ctx.is_main:
                 log.warning("resume=true but %s holds no checkpoint: starting from step 0", run_dir)
