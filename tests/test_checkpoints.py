@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,12 @@ from launchers.checkpoints import (
 from tests.test_trainer import run_tiny, without_timing
 
 SEVERAL = ["trainer.global_batch_size=8", "trainer.micro_batch_size=4"]  # two optimizer steps per rollout
+
+
+def resumed_from(caplog) -> int:
+    """The step a resume continued from (its log line): a restart from step 0 gives the same metrics too."""
+    return next(int(m.group(1)) for r in caplog.records if (m := re.search(r"resumed from \S+ \(step (\d+)\)",
+                                                                                r.getMessage())))
 
 
 class _OpensAFile:
@@ -118,8 +125,9 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, ca
     newest.write_bytes(newest.read_bytes()[:1000])  # a copy cut short
     checksum_path(newest).unlink()  # ... and re-checksummed as it is: the load itself must catch it
     write_checksum(newest)
-    with caplog.at_level(logging.WARNING, "launchers.train"):
+    with caplog.at_level(logging.INFO, "launchers.train"):
         resumed = run_tiny(run_dir, "trainer.max_steps=6", "trainer.save_every=2", "resume=true")
+    assert resumed_from(caplog) == 4
     skipped = [r.getMessage() for r in caplog.records if "skipping checkpoint" in r.getMessage()]
     assert len(skipped) == 1 and "step_000006.pt: unreadable (PytorchStreamReader failed" in skipped[0]
     assert without_timing(resumed) == without_timing(straight)
@@ -133,8 +141,9 @@ def test_damaged_checkpoints_are_skipped_newest_first_naming_each(tmp_path, capl
     (run_dir / "checkpoints" / "step_000006.pt.sha256").unlink()
     five = run_dir / "checkpoints" / "step_000005.pt"
     five.write_bytes(five.read_bytes()[:-10] + b"0123456789")
-    with caplog.at_level(logging.WARNING, "launchers.train"):
+    with caplog.at_level(logging.INFO, "launchers.train"):
         resumed = run_tiny(run_dir, "trainer.max_steps=6", *several, "resume=true")
+    assert resumed_from(caplog) == 4
     skipped = [r.getMessage() for r in caplog.records if "skipping checkpoint" in r.getMessage()]
     assert len(skipped) == 2
     assert "step_000006.pt: no checksum file" in skipped[0]
@@ -160,8 +169,9 @@ def test_torn_last_metrics_line_is_dropped_with_a_warning(tmp_path, caplog):
     metrics.write_text(text[: len(text) - 25])  # step 3's line cut mid-write
     with pytest.raises(json.JSONDecodeError):
         json.loads(metrics.read_text().splitlines()[-1])
-    with caplog.at_level(logging.WARNING, "launchers.train"):
+    with caplog.at_level(logging.INFO, "launchers.train"):
         resumed = run_tiny(run_dir, "trainer.max_steps=4", "trainer.save_every=2", "resume=true")
+    assert resumed_from(caplog) == 2
     torn = [r.getMessage() for r in caplog.records if "torn last line" in r.getMessage()]
     assert len(torn) == 1 and '{"step": 3' in torn[0]
     assert without_timing(resumed) == without_timing(straight)

@@ -4,8 +4,10 @@ steps, a second launch into a live run, resume under a new DP x CP layout, submi
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -16,6 +18,7 @@ import pytest
 
 from launchers.checkpoints import verify_checksum
 from launchers.run_lock import LOCK_NAME
+from tests.test_checkpoints import resumed_from
 from tests.test_distributed import BASE, COMPARED, RTOL, free_port
 from tests.test_trainer import ROOT, TINY, launch, read_metrics, run_tiny, without_timing
 
@@ -36,7 +39,7 @@ def lock_pid(run_dir: Path) -> int:
 
 
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGUSR1, 138)])
-def test_signal_checkpoints_the_step_reached_then_resume_is_bit_identical(tmp_path, signum, code):
+def test_signal_checkpoints_the_step_reached_then_resume_is_bit_identical(tmp_path, caplog, signum, code):
     run_dir = tmp_path / "stopped"
     proc = launch(run_dir, "trainer.max_steps=40", "trainer.save_every=100")
     wait_for_steps(proc, run_dir, 3)
@@ -50,7 +53,9 @@ def test_signal_checkpoints_the_step_reached_then_resume_is_bit_identical(tmp_pa
     assert verify_checksum(checkpoint) is None, output  # written at the step reached, and it verifies
     assert f"{signal.Signals(signum).name}: finishing this step" in output
     assert not (run_dir / LOCK_NAME).exists()  # released on the way out
-    resumed = run_tiny(run_dir, "trainer.max_steps=40", "trainer.save_every=100", "resume=true")
+    with caplog.at_level(logging.INFO, "launchers.train"):
+        resumed = run_tiny(run_dir, "trainer.max_steps=40", "trainer.save_every=100", "resume=true")
+    assert resumed_from(caplog) == last
     straight = run_tiny(tmp_path / "straight", "trainer.max_steps=40", "trainer.save_every=100")
     assert without_timing(resumed) == without_timing(straight)
 
@@ -87,16 +92,22 @@ def test_sigkill_at_random_steps_then_resume_ends_with_the_uninterrupted_metrics
     straight = run_tiny(tmp_path / "straight", *overrides)
     kill_steps = sorted(random.Random(12).sample(range(2, 23), 3))
     run_dir = tmp_path / "killed"
+    outputs = []
     for n, step in enumerate(kill_steps):
         proc = launch(run_dir, *overrides, *(["resume=true"] if n else []))
         wait_for_steps(proc, run_dir, step)
         proc.kill()
-        proc.communicate(timeout=60)
+        outputs.append(proc.communicate(timeout=60)[0])
         assert proc.returncode == -signal.SIGKILL
     final = launch(run_dir, *overrides, "resume=true")
     output, _ = final.communicate(timeout=120)
     assert final.returncode == 0, output
     assert "Traceback" not in output
+    # each resume continued from the state reached (metrics line k is written before checkpoint k, so
+    # checkpoint k - 1 was complete), not from step 0, which would give the same metrics too
+    for killed_at, out in zip(kill_steps, [*outputs[1:], output], strict=True):
+        resumed = re.search(r"resumed from \S+ \(step (\d+)\)", out)
+        assert resumed and int(resumed.group(1)) >= killed_at - 1, out[-2000:]
     assert without_timing(read_metrics(run_dir)) == without_timing(straight)
     print(f"fault injection: kills after steps {kill_steps}, {time.monotonic() - started:.1f} s")
 
@@ -120,6 +131,7 @@ def test_resume_under_a_new_dp_cp_layout_continues_the_trajectory(tmp_path):
                                      "parallel.cp_size=2"), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "accepted run-invariant change parallel.cp_size: 1 -> 2" in result.stderr + result.stdout
+    assert re.search(r"resumed from \S+step_000003.pt \(step 3\)", result.stderr + result.stdout)
     records = read_metrics(run_dir)
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     assert without_timing(records[:3]) == without_timing(straight[:3])

@@ -16,6 +16,7 @@ from launchers.config import RunConfig
 from launchers.preemption import StopRequest
 from launchers.run_guard import RUN_CONFIG, changes, run_invariant
 from launchers.run_lock import LOCK_NAME, Owner, RunFolderBusy, RunLock, process_start, read_owner, this_process
+from tests.test_checkpoints import resumed_from
 from tests.test_trainer import run_tiny, without_timing
 
 # -- recipe guard ------------------------------------------------------------------------------
@@ -80,6 +81,7 @@ def test_run_invariant_changes_are_accepted_and_logged(tmp_path, caplog):
         resumed = run_tiny(tmp_path / "split", "trainer.max_steps=4", "trainer.save_every=1", "resume=true",
                            "trainer.micro_batch_size=4", "parallel.qkv_format=bshd", "progress=bar", "torch_threads=2")
     logged = {r.getMessage() for r in caplog.records}
+    assert resumed_from(caplog) == 2
     assert "resume: accepted run-invariant change trainer.micro_batch_size: 8 -> 4" in logged
     assert "resume: accepted run-invariant change parallel.qkv_format: thd -> bshd" in logged
     history = json.loads((tmp_path / "split" / RUN_CONFIG).read_text())["history"]
@@ -120,8 +122,9 @@ def test_requeued_job_resumes_without_resume_flag(tmp_path, monkeypatch, caplog)
     straight = run_tiny(tmp_path / "straight", "trainer.max_steps=4", "trainer.save_every=2")
     run_tiny(tmp_path / "job", "trainer.max_steps=4", "trainer.save_every=2")
     (tmp_path / "job" / "checkpoints" / "step_000004.pt").unlink()  # preempted after step 2
-    with caplog.at_level(logging.WARNING, "launchers.train"):
+    with caplog.at_level(logging.INFO, "launchers.train"):
         resumed = run_tiny(tmp_path / "job", "trainer.max_steps=4", "trainer.save_every=2")  # the same command
+    assert resumed_from(caplog) == 2
     assert any("requeued attempt of job slurm:4242" in r.getMessage() for r in caplog.records)
     assert without_timing(resumed) == without_timing(straight)
     monkeypatch.setenv("SLURM_JOB_ID", "4243")  # another job into the same folder is a mistake
