@@ -3,7 +3,7 @@
 ``run_config.json`` in the run folder holds the run's own validated configuration (Hydra's
 ``.hydra/config.yaml`` is rewritten by every launch). A resume compares the newly composed
 configuration with it, field by field over the whole tree: a change to any field that is not in
-:data:`RUN_INVARIANT` alters the run's mathematics and is refused (exit 2, one line per field,
+:data:`launchers.recipe.RUN_INVARIANT` alters the run's mathematics and is refused (exit 2, one line per field,
 ``loss.aggregation: sample_mean -> token_mean``) unless ``allow_recipe_change=true``; changes to
 run-invariant fields are accepted and logged, and every accepted change is appended to the
 file's ``history``. Fields added to the configuration later (a new loss term, a backend section) are
@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from launchers.config import RunConfig
+from launchers.recipe import changes, config_tree, run_invariant
 from launchers.run_io import CHECKPOINT_DIR
 from launchers.run_lock import (
     LOCK_NAME,
@@ -47,79 +48,6 @@ log = logging.getLogger("launchers.train")
 
 RUN_CONFIG = "run_config.json"
 EXIT_REFUSED = 2
-
-RUN_INVARIANT = frozenset({
-    # How long and how often: the steps already taken do not depend on them (the learning rate is
-    # constant; a schedule over max_steps would have to leave this list).
-    "trainer.max_steps",
-    "trainer.save_every",
-    # Display and where the run executes.
-    "progress",
-    "device",
-    # The DP x CP layout, its backend, the micro-batch size and the qkv format: SPEC §3 makes the step
-    # objective and gradient independent of them (float rounding aside; tests/test_run_safety.py).
-    "parallel",
-    "trainer.micro_batch_size",
-    # Intra-op threads change the order of float additions only, like the layout.
-    "torch_threads",
-    # Switches of the launch itself: dry_run never reaches a run folder; resume differs by design.
-    "dry_run",
-    "resume",
-    "allow_recipe_change",
-})
-"""Fields (or whole sections) a resume may change: they cannot alter the run's mathematics."""
-
-
-def run_invariant(field: str) -> bool:
-    """True when ``field`` (dotted) is in :data:`RUN_INVARIANT` or inside a section listed there."""
-    parts = field.split(".")
-    return any(".".join(parts[:n]) in RUN_INVARIANT for n in range(1, len(parts) + 1))
-
-
-@dataclass(frozen=True)
-class Change:
-    """One field whose value differs between the run's configuration and the new one."""
-
-    field: str
-    old: Any
-    new: Any
-
-    def __str__(self) -> str:
-        return f"{self.field}: {_show(self.old)} -> {_show(self.new)}"
-
-
-_ABSENT = object()
-
-
-def _show(value: Any) -> str:
-    if value is _ABSENT:
-        return "(absent)"
-    return value if isinstance(value, str) else json.dumps(value)
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Dotted path -> value for every leaf of a nested dict (lists are values)."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, path + "."))
-        else:
-            out[path] = value
-    return out
-
-
-def changes(old: dict[str, Any], new: dict[str, Any]) -> list[Change]:
-    """Every field that differs between two configuration trees, in a stable order."""
-    a, b = flatten(old), flatten(new)
-    return [Change(k, a.get(k, _ABSENT), b.get(k, _ABSENT)) for k in sorted(a.keys() | b.keys())
-            if a.get(k, _ABSENT) != b.get(k, _ABSENT)]
-
-
-def config_tree(config: RunConfig) -> dict[str, Any]:
-    """The configuration as stored in ``run_config.json`` (field names as on the command line)."""
-    return config.model_dump(mode="json", by_alias=True)
-
 
 class Refused(Exception):
     """A launch that must not touch the run folder; ``lines`` are printed, then exit 2."""
@@ -179,9 +107,9 @@ def decide(config: RunConfig, run_dir: Path) -> Verdict:
     try:
         stored = read_run_config(run_dir)
     except Refused:
-        if not (config.resume and config.allow_recipe_change):
+        if config.resume and not config.allow_recipe_change:
             raise
-        stored = None
+        stored = None  # a fresh launch is refused below: the folder holds a run
     resume, notes = config.resume, []
     if not resume and stored is not None and job and stored.get("job_id") == job:
         notes.append((logging.WARNING, f"this is a requeued attempt of job {job}, which started the run in {run_dir}: "

@@ -14,7 +14,8 @@ import torch
 
 from launchers.config import RunConfig
 from launchers.preemption import StopRequest
-from launchers.run_guard import RUN_CONFIG, changes, run_invariant
+from launchers.recipe import changes, run_invariant
+from launchers.run_guard import RUN_CONFIG
 from launchers.run_lock import LOCK_NAME, Owner, RunFolderBusy, RunLock, process_start, read_owner, this_process
 from tests.test_checkpoints import resumed_from
 from tests.test_trainer import run_tiny, without_timing
@@ -130,6 +131,20 @@ def test_requeued_job_resumes_without_resume_flag(tmp_path, monkeypatch, caplog)
     monkeypatch.setenv("SLURM_JOB_ID", "4243")  # another job into the same folder is a mistake
     with pytest.raises(SystemExit):
         run_tiny(tmp_path / "job", "trainer.max_steps=4")
+
+
+def test_damaged_run_config_refuses_resume_unless_forced(tmp_path, capsys):
+    run_tiny(tmp_path, "trainer.max_steps=2")
+    (tmp_path / RUN_CONFIG).write_text('{"config": {"loss": ')  # torn
+    with pytest.raises(SystemExit) as exit_:
+        run_tiny(tmp_path, "trainer.max_steps=4", "resume=true")
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        f"resume: {tmp_path / RUN_CONFIG} is damaged, so the recipe of the run cannot be checked; restore it, or "
+        "resume with allow_recipe_change=true to replace it with this launch's configuration")
+    records = run_tiny(tmp_path, "trainer.max_steps=4", "resume=true", "allow_recipe_change=true")
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert json.loads((tmp_path / RUN_CONFIG).read_text())["config"]["trainer"]["max_steps"] == 4
 
 
 def test_stored_config_is_the_validated_run_config(tmp_path):
