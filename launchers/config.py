@@ -186,7 +186,10 @@ class RunConfig(BaseModel):
     """Validate the whole configuration (every sweep job), print a summary and exit before any work."""
 
     resume: bool = False
-    """Continue from the latest checkpoint in the run folder."""
+    """Continue from the newest usable checkpoint in the run folder (refused if the recipe changed)."""
+
+    allow_recipe_change: bool = False
+    """On resume, continue even though fields that alter the run's mathematics changed (each is logged)."""
 
     progress: Literal["auto", "bar", "log"] = "auto"
     """Progress display: a bar on a terminal, log lines otherwise (auto)."""

@@ -10,7 +10,7 @@ Collectives a training step issues (and why; none inside the loss reducers):
    gradients back to their owners;
 2. per optimizer step, one all-reduce (sum) of the gradients over the DP x CP world: every rank's
    loss is a partial of the step objective, so the sum of their gradients is the step's gradient;
-3. per optimizer step, one all-reduce (sum) of a small vector of metric partials and the Ctrl-C flag.
+3. per optimizer step, one all-reduce (sum) of a small vector of metric partials and the stop-signal flags.
 Rollouts, rewards and advantages need no collective: every rank samples the same rollout from the
 same seed and identical weights (the all-reduce leaves every replica bit-identical).
 """

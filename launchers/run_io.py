@@ -7,7 +7,6 @@ import logging
 import math
 import os
 import random
-import re
 import sys
 import tempfile
 import time
@@ -19,7 +18,6 @@ import torch
 log = logging.getLogger("launchers.train")
 
 CHECKPOINT_DIR = "checkpoints"
-_CHECKPOINT_RE = re.compile(r"step_(\d+)\.pt$")
 
 
 def save_atomic(obj: Any, path: Path) -> None:
@@ -45,13 +43,6 @@ def checkpoint_path(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / CHECKPOINT_DIR / f"step_{step:06d}.pt"
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint with the highest step in ``run_dir``, or None."""
-    folder = Path(run_dir) / CHECKPOINT_DIR
-    found = [(int(m.group(1)), p) for p in folder.glob("step_*.pt") if (m := _CHECKPOINT_RE.search(p.name))]
-    return max(found)[1] if found else None
-
-
 def rng_state() -> dict[str, Any]:
     """Every global RNG state a run draws from (Python, torch CPU, CUDA when present)."""
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
@@ -68,6 +59,34 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def metrics_up_to(path: Path, step: int) -> list[str]:
+    """The lines of ``metrics.jsonl`` for steps up to ``step``, in order.
+
+    A line that does not parse as a step record is dropped with a warning: a torn last line is what
+    a crash in the middle of a write leaves. A gap before ``step`` (damage, not a crash: each record
+    is written before its step's checkpoint) is reported too.
+    """
+    lines = path.read_text(errors="replace").splitlines()
+    kept, last = [], 0
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            record_step = int(record["step"])
+        except (ValueError, KeyError, TypeError):
+            where = "torn last line (the run stopped mid-write)" if number == len(lines) else f"damaged line {number}"
+            log.warning("%s: dropping its %s: %.60s", path, where, line)
+            continue
+        if record_step <= step:
+            kept.append(line)
+            last = record_step
+    if last < step:
+        log.warning("%s: holds steps up to %d only; steps %d-%d of the resumed run are missing from it",
+                    path, last, last + 1, step)
+    return kept
+
+
 class MetricsWriter:
     """Appends one JSON object per optimizer step to ``metrics.jsonl`` and mirrors it to TensorBoard."""
 
@@ -75,7 +94,7 @@ class MetricsWriter:
         self.path = Path(run_dir) / "metrics.jsonl"
         if resume_after_step is not None and self.path.exists():
             # Drop steps logged after the checkpoint: the resumed run writes them again, identically.
-            kept = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_after_step]
+            kept = metrics_up_to(self.path, resume_after_step)
             self.path.write_text("".join(line + "\n" for line in kept))
         elif resume_after_step is None and self.path.exists():
             self.path.unlink()

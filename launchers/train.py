@@ -66,10 +66,16 @@ def main(argv: list[str] | None = None) -> None:
     argv = ["--help" if a == "--hydra-help" else a for a in argv]
     from launchers.preflight import preflight
 
-    preflight(argv)
+    jobs = preflight(argv)
     if world_size_from_env() > 1 and not any(a.startswith("hydra.run.dir=") for a in argv):
         # Hydra stamps each process's folder with its own clock; ranks must share one run folder.
         argv = [*argv, f"hydra.run.dir={torchrun_run_dir()}"]
+    run_dir = next((a.split("=", 1)[1] for a in argv if a.startswith("hydra.run.dir=")), None)
+    if jobs and len(jobs) == 1 and run_dir and "${" not in run_dir and not any(a in ("-m", "--multirun") for a in argv):
+        from launchers.run_guard import precheck
+
+        # A refused launch (live run, changed recipe) must not leave Hydra's files in that folder.
+        precheck(jobs[0].config, run_dir, quiet=int(os.environ.get("RANK", "0")) > 0)
     if int(os.environ.get("RANK", "0")) > 0:
         # rank 0 alone writes the run folder's .hydra/ record and log file
         argv = [*argv, "hydra.output_subdir=null", "hydra/job_logging=disabled"]
