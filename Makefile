@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -c
 
-.PHONY: install train test lint bench schema sweep clean
+.PHONY: install train test lint bench schema sweep docs-sweep clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(PY) -m ruff check rl_loss launchers benchmarks tests
+	$(PY) -m ruff check rl_loss launchers benchmarks tests hydra_plugins
 
 # glibc keeps big temporaries in the heap (no page faults on some calls only); passive OpenMP workers
 # do not spin against the timed thread on a shared machine.
@@ -38,12 +38,31 @@ bench: $(STAMP)
 	$(BENCH_ENV) $(PY) -m benchmarks.reducers $(ARGS) 2>&1 | grep -v '^USDT:'  # torch.profiler's trace lines
 	$(BENCH_ENV) $(PY) -m benchmarks.surrogates $(SURROGATE_ARGS)
 	$(BENCH_ENV) $(PY) -m benchmarks.train_step
+	$(BENCH_ENV) $(PY) -m benchmarks.trl_step
 
 schema: $(STAMP)
 	$(PY) -m launchers.schema --write
 
+# Every preset in conf/loss (new ones join by themselves) over SEEDS, jobs in parallel (joblib), then the report.
+comma := ,
+empty :=
+space := $(empty) $(empty)
+PRESET_NAMES := $(sort $(basename $(notdir $(wildcard conf/loss/*.yaml))))
+# grpo (the default) first: the report takes its differences against the first config.
+PRESETS ?= $(subst $(space),$(comma),$(filter grpo,$(PRESET_NAMES)) $(filter-out grpo,$(PRESET_NAMES)))
+SEEDS ?= 0,1,2
+SWEEP_STAMP := $(shell date +%Y-%m-%d_%H-%M-%S)
+SWEEP_DIR ?= multirun/sweep-$(SWEEP_STAMP)
+
 sweep: $(STAMP)
-	$(PY) -m launchers.train -m loss=grpo,dapo,drgrpo,scalerl,gspo,cispo,sapo $(ARGS)
+	$(PY) -m launchers.train -m loss=$(PRESETS) seed=$(SEEDS) hydra/launcher=joblib progress=log \
+		hydra.sweep.dir=$(SWEEP_DIR) $(ARGS)
+	$(PY) -m launchers.report $(SWEEP_DIR) $(REPORT_ARGS)
+
+# README's figure and table: the sweep above into a fixed folder, reported into docs/sweep.{png,md}.
+docs-sweep: $(STAMP)
+	rm -rf multirun/docs-sweep
+	$(MAKE) sweep SWEEP_DIR=multirun/docs-sweep REPORT_ARGS="--out docs --name sweep --metrics grad_norm,entropy"
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache .hypothesis

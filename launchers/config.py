@@ -9,11 +9,12 @@ values that differ, each with the reason above it. The loss section is the libra
 from __future__ import annotations
 
 import warnings
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 from typing_extensions import Self
 
+from launchers.backends import HFModelConfig, HFTinyModelConfig, ToyBackendConfig, TrlBackendConfig, backend_for_model
 from rl_loss.config import DivisorBelowMaxLength, LossConfig
 
 _SECTION = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
@@ -59,9 +60,12 @@ class TaskConfig(BaseModel):
 
 
 class ModelConfig(BaseModel):
-    """The small causal transformer policy trained by the launcher."""
+    """The small causal transformer policy trained by the embedded trainer (backend=toy)."""
 
     model_config = _SECTION
+
+    kind: Literal["toy"] = "toy"
+    """Model (set by the group: model=toy)."""
 
     d_model: int = Field(64, ge=8, le=4096)
     """Width of the residual stream."""
@@ -136,6 +140,13 @@ class ParallelConfig(BaseModel):
     """torch.distributed backend; auto = nccl on CUDA, gloo on CPU."""
 
 
+BackendSection = Annotated[ToyBackendConfig | TrlBackendConfig, Field(discriminator="kind")]
+"""The ``backend`` group: one model per option, tagged by ``kind``."""
+
+ModelSection = Annotated[ModelConfig | HFTinyModelConfig | HFModelConfig, Field(discriminator="kind")]
+"""The ``model`` group: one model per option, tagged by ``kind``."""
+
+
 class RunConfig(BaseModel):
     """A whole training run: every section plus the run-level switches."""
 
@@ -150,8 +161,11 @@ class RunConfig(BaseModel):
     task: TaskConfig = TaskConfig()
     """The embedded task."""
 
-    model: ModelConfig = ModelConfig()
-    """The policy model."""
+    backend: BackendSection = ToyBackendConfig()
+    """The trainer: toy (embedded, DP x CP) or trl (Hugging Face TRL, DP through accelerate)."""
+
+    model: ModelSection = ModelConfig()
+    """The policy model: toy, hf_tiny (tiny random Hugging Face model) or hf (pretrained)."""
 
     optim: OptimConfig = OptimConfig()
     """Optimizer."""
@@ -172,7 +186,10 @@ class RunConfig(BaseModel):
     """Validate the whole configuration (every sweep job), print a summary and exit before any work."""
 
     resume: bool = False
-    """Continue from the latest checkpoint in the run folder."""
+    """Continue from the newest usable checkpoint in the run folder (refused if the recipe changed)."""
+
+    allow_recipe_change: bool = False
+    """On resume, continue even though fields that alter the run's mathematics changed (each is logged)."""
 
     progress: Literal["auto", "bar", "log"] = "auto"
     """Progress display: a bar on a terminal, log lines otherwise (auto)."""
@@ -194,10 +211,21 @@ class RunConfig(BaseModel):
     def _cross_section_rules(self, info: ValidationInfo) -> Self:
         # Every rule runs so that one message lists every problem, one line each.
         world_size = int((info.context or {}).get("world_size", 1))
-        problems = [message for rule in CROSS_SECTION_RULES if (message := rule(self, world_size))]
+        rules = (*CROSS_SECTION_RULES, *self.backend.rules)
+        problems = [message for rule in rules if (message := rule(self, world_size))]
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+
+def _backend_trains_model(cfg: RunConfig, world_size: int) -> str | None:
+    if cfg.model.kind not in cfg.backend.model_kinds:
+        trains = " or ".join(f"model={kind}" for kind in cfg.backend.model_kinds)
+        return (
+            f"model: backend={cfg.backend.kind} trains {trains} (got model={cfg.model.kind}); "
+            f"use {trains}, or backend={backend_for_model(cfg.model.kind)} for model={cfg.model.kind}"
+        )
+    return None
 
 
 def _steps_per_rollout_whole(cfg: RunConfig, world_size: int) -> str | None:
@@ -292,6 +320,7 @@ def _divisor_covers_max_response(cfg: RunConfig, world_size: int) -> str | None:
 
 
 CROSS_SECTION_RULES = (
+    _backend_trains_model,
     _steps_per_rollout_whole,
     _groups_stay_in_one_step,
     _prompt_mean_one_step_per_rollout,

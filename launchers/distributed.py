@@ -10,7 +10,7 @@ Collectives a training step issues (and why; none inside the loss reducers):
    gradients back to their owners;
 2. per optimizer step, one all-reduce (sum) of the gradients over the DP x CP world: every rank's
    loss is a partial of the step objective, so the sum of their gradients is the step's gradient;
-3. per optimizer step, one all-reduce (sum) of a small vector of metric partials and the Ctrl-C flag;
+3. per optimizer step, one all-reduce (sum) of a small vector of metric partials and the stop-signal flags;
 4. with ``loss.ratio_level=sequence`` (GSPO), per micro-batch one autograd-aware all-reduce (sum) over the
    CP group of each sample's partial log-ratio sum (:meth:`ParallelContext.cp_all_reduce`); its backward
    is the same all-reduce of the gradients.

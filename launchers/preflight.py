@@ -8,9 +8,7 @@ models, and every problem is printed as one line naming the field, the value and
 
 from __future__ import annotations
 
-import difflib
 import os
-import re
 import sys
 import warnings
 from dataclasses import dataclass
@@ -18,22 +16,17 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf, open_dict
+from omegaconf.errors import MissingMandatoryValue
 from pydantic import BaseModel, ValidationError
 
-from launchers.conf_store import register_configs
+from launchers.conf_store import GROUP_SECTIONS, is_schema_node, register_configs, section_options
 from launchers.config import RunConfig
+from rl_loss import config_errors
+from rl_loss.config_errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
 CONFIG_NAME = "config"
 EXIT_CONFIG_ERROR = 2
-
-
-class ConfigError(Exception):
-    """A configuration that must not run; ``problems`` holds one readable line per problem."""
-
-    def __init__(self, problems: list[str]):
-        super().__init__("\n".join(problems))
-        self.problems = problems
 
 
 @dataclass(frozen=True)
@@ -66,32 +59,24 @@ def validate_run(data: dict[str, Any], world_size: int = 1) -> tuple[RunConfig, 
 
 
 def format_validation_error(err: ValidationError) -> list[str]:
-    """One line per pydantic error: ``section.field: what is wrong (got value)``, with did-you-mean for typos."""
-    lines = []
-    for e in err.errors():
-        loc = [str(part) for part in e["loc"]]
-        if e["type"] == "extra_forbidden":
-            lines.append(f"{'.'.join(loc)}: unknown key{_did_you_mean(loc)} (got {_show(e['input'])})")
-            continue
-        msg = e["msg"].removeprefix("Value error, ")
-        for line in msg.split("\n"):
-            field, sep, rest = line.partition(": ")
-            if e["type"] == "value_error" and sep and re.fullmatch(r"[a-z_][a-z0-9_.]*", field):
-                # Validator messages start with the field they blame, relative to their model.
-                path = field if field.split(".")[0] in RunConfig.model_fields else ".".join([*loc, field])
-                lines.append(f"{path}: {rest}")
-            else:
-                lines.append(f"{'.'.join(loc) or 'config'}: {line[0].lower() + line[1:]} (got {_show(e['input'])})")
-    return lines
+    """One line per pydantic error of a RunConfig: ``section.field: what is wrong (got value)``."""
+    return config_errors.format_validation_error(err, RunConfig, normalize_loc=_without_group_tags, names_at=field_names)
 
 
-def _show(value: Any) -> str:
-    text = repr(value) if isinstance(value, str) else str(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+def _without_group_tags(loc: list[str]) -> list[str]:
+    """Drop the tag pydantic puts after a group section (``model.hf_tiny.hidden_size`` -> ``model.hidden_size``)."""
+    if len(loc) > 1 and loc[0] in GROUP_SECTIONS and loc[1] in section_options(loc[0]):
+        return [loc[0], *loc[2:]]
+    return loc
 
 
 def field_names(loc: list[str]) -> list[str]:
-    """Field names (and aliases) of the model at ``loc`` in the RunConfig tree (empty if none)."""
+    """Field names (and aliases) of the model at ``loc`` in the RunConfig tree (empty if none).
+
+    A group section (``backend``, ``model``) offers the fields of every one of its options.
+    """
+    if len(loc) == 1 and loc[0] in GROUP_SECTIONS:
+        return sorted({name for option in section_options(loc[0]).values() for name in field_names_of(option)})
     model: type[BaseModel] = RunConfig
     for part in loc:
         field = model.model_fields.get(part)
@@ -99,29 +84,16 @@ def field_names(loc: list[str]) -> list[str]:
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return []
         model = annotation
+    return field_names_of(model)
+
+
+def field_names_of(model: type[BaseModel]) -> list[str]:
+    """Field names (aliases where set) of one model."""
     return [f.alias or name for name, f in model.model_fields.items()]
 
 
-def _did_you_mean(loc: list[str]) -> str:
-    close = difflib.get_close_matches(loc[-1], field_names(loc[:-1]), n=1, cutoff=0.6)
-    return f"; did you mean '{'.'.join([*loc[:-1], close[0]])}'?" if close else ""
-
-
 def _hydra_error_lines(err: Exception, override: str | None = None) -> list[str]:
-    text = str(err)
-    missing = re.search(r"Could not find '([^']+)/([^']+)'", text)
-    if missing:
-        group, option = missing.groups()
-        options = [o for o in re.findall(r"^\t(\S+)$", text, flags=re.M) if o != "base"]
-        close = difflib.get_close_matches(option, options, n=1)
-        hint = f"did you mean '{group}={close[0]}'? " if close else ""
-        return [f"{group}={option}: no such option; {hint}(available: {', '.join(options)})"]
-    not_struct = re.search(r"Could not override '([^']+)'", text)
-    if not_struct:
-        key = not_struct.group(1).split(".")
-        return [f"{'.'.join(key)}: unknown key{_did_you_mean(key)} (got {override or text.splitlines()[0]})"]
-    first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
-    return [f"{override + ': ' if override else ''}{first}"]
+    return config_errors.hydra_error_lines(err, override, RunConfig, hidden_options=is_schema_node, names_at=field_names)
 
 
 def compose_job(overrides: list[str], world_size: int = 1) -> Job:
@@ -143,14 +115,30 @@ def compose_job(overrides: list[str], world_size: int = 1) -> Job:
         raise ConfigError(_hydra_error_lines(err, _blamed_override(err, overrides))) from None
     finally:
         GlobalHydra.instance().clear()
+    choices = {section: cfg.hydra.runtime.choices.get(section) for section in GROUP_SECTIONS}
     with open_dict(cfg):
         del cfg["hydra"]
     try:
-        data = OmegaConf.to_container(cfg, resolve=True)
+        data = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as err:
+        raise ConfigError([f"{err.full_key}: is required (got nothing); set {err.full_key}=VALUE"]) from None
     except Exception as err:
         raise ConfigError([f"interpolation: {str(err).splitlines()[0]}"]) from None
+    _check_group_tags(data, choices)
     config, warns = validate_run(data, world_size)
     return Job(tuple(overrides), config, tuple(warns))
+
+
+def _check_group_tags(data: dict[str, Any], choices: dict[str, str | None]) -> None:
+    """A group section's ``kind`` is its option: ``model.kind=hf`` on the command line is a slip for ``model=hf``."""
+    problems = [
+        f"{section}.kind: is set by the group option (got {data[section]['kind']!r} with {section}={option}); "
+        f"pick the option instead: {section}={data[section]['kind']}"
+        for section, option in choices.items()
+        if option is not None and isinstance(data.get(section), dict) and data[section].get("kind") != option
+    ]
+    if problems:
+        raise ConfigError(problems)
 
 
 def _blamed_override(err: Exception, overrides: list[str]) -> str | None:
@@ -171,7 +159,7 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
 
 
 def summary(job: Job) -> str:
-    """One line: mode, divisor, surrogate, ratio level, advantages, steps per rollout and micro-batches per step."""
+    """One line: backend and model, mode, divisor, surrogate, ratio level, advantages, steps per rollout and micro-batches per step (and the backend's layout)."""
     cfg = job.config
     world = world_size_from_env()
     dp_size = max(world // cfg.parallel.cp_size, 1)
@@ -179,9 +167,11 @@ def summary(job: Job) -> str:
     divisor = f"{cfg.loss.divisor:g}" if cfg.loss.divisor is not None else "-"
     mode = f"custom({cfg.loss.custom_pg_reducer})" if cfg.loss.custom_pg_reducer else cfg.loss.aggregation
     return (
+        f"backend={cfg.backend.kind} model={cfg.model.kind} "
         f"aggregation={mode} divisor={divisor} surrogate={cfg.loss.surrogate} ratio={cfg.loss.ratio_level} "
-        f"advantages={cfg.loss.advantage_estimator} steps_per_rollout={cfg.steps_per_rollout} micro_batches_per_step={micro} (per DP rank, DP={dp_size}, "
-        f"CP={cfg.parallel.cp_size}, {cfg.parallel.qkv_format}) max_steps={cfg.trainer.max_steps}"
+        f"advantages={cfg.loss.advantage_estimator} "
+        f"steps_per_rollout={cfg.steps_per_rollout} micro_batches_per_step={micro} (per DP rank, "
+        f"{cfg.backend.layout_summary(cfg, world)}) max_steps={cfg.trainer.max_steps}"
     )
 
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
-import re
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,6 @@ import torch
 log = logging.getLogger("launchers.train")
 
 CHECKPOINT_DIR = "checkpoints"
-_CHECKPOINT_RE = re.compile(r"step_(\d+)\.pt$")
 
 
 def save_atomic(obj: Any, path: Path) -> None:
@@ -43,13 +43,6 @@ def checkpoint_path(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / CHECKPOINT_DIR / f"step_{step:06d}.pt"
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint with the highest step in ``run_dir``, or None."""
-    folder = Path(run_dir) / CHECKPOINT_DIR
-    found = [(int(m.group(1)), p) for p in folder.glob("step_*.pt") if (m := _CHECKPOINT_RE.search(p.name))]
-    return max(found)[1] if found else None
-
-
 def rng_state() -> dict[str, Any]:
     """Every global RNG state a run draws from (Python, torch CPU, CUDA when present)."""
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
@@ -66,6 +59,34 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def metrics_up_to(path: Path, step: int) -> list[str]:
+    """The lines of ``metrics.jsonl`` for steps up to ``step``, in order.
+
+    A line that does not parse as a step record is dropped with a warning: a torn last line is what
+    a crash in the middle of a write leaves. A gap before ``step`` (damage, not a crash: each record
+    is written before its step's checkpoint) is reported too.
+    """
+    lines = path.read_text(errors="replace").splitlines()
+    kept, last = [], 0
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            record_step = int(record["step"])
+        except (ValueError, KeyError, TypeError):
+            where = "torn last line (the run stopped mid-write)" if number == len(lines) else f"damaged line {number}"
+            log.warning("%s: dropping its %s: %.60s", path, where, line)
+            continue
+        if record_step <= step:
+            kept.append(line)
+            last = record_step
+    if last < step:
+        log.warning("%s: holds steps up to %d only; steps %d-%d of the resumed run are missing from it",
+                    path, last, last + 1, step)
+    return kept
+
+
 class MetricsWriter:
     """Appends one JSON object per optimizer step to ``metrics.jsonl`` and mirrors it to TensorBoard."""
 
@@ -73,7 +94,7 @@ class MetricsWriter:
         self.path = Path(run_dir) / "metrics.jsonl"
         if resume_after_step is not None and self.path.exists():
             # Drop steps logged after the checkpoint: the resumed run writes them again, identically.
-            kept = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_after_step]
+            kept = metrics_up_to(self.path, resume_after_step)
             self.path.write_text("".join(line + "\n" for line in kept))
         elif resume_after_step is None and self.path.exists():
             self.path.unlink()
@@ -102,11 +123,27 @@ class MetricsWriter:
             self._tb.close()
 
 
-class Progress:
-    """A tqdm bar on a terminal, plain log lines otherwise (``progress=auto``)."""
+def format_duration(seconds: float) -> str:
+    """``42s``, ``3:07`` or ``1:02:09``."""
+    seconds = max(int(round(seconds)), 0)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}:{minutes:02d}:{secs:02d}"
+    return f"{minutes}:{secs:02d}" if minutes else f"{secs}s"
 
-    def __init__(self, total: int, initial: int, mode: str, enabled: bool = True):
-        self.enabled = enabled
+
+class Progress:
+    """A tqdm bar on a terminal, plain log lines otherwise (``progress=auto``).
+
+    Shows what tells a run is learning: reward, response length, entropy (and ``ppo_kl``, the KL to the
+    rollout policy, when a rollout feeds several optimizer steps; on-policy it is 0 by construction),
+    the gradient norm before clipping, steps/s and the time left. Not pg_loss: on-policy GRPO's is zero
+    in expectation at every step (it stays in metrics.jsonl).
+    """
+
+    def __init__(self, total: int, initial: int, mode: str, enabled: bool = True, show_kl: bool = False):
+        self.enabled, self.total, self.show_kl = enabled, total, show_kl
         use_bar = mode == "bar" or (mode == "auto" and sys.stderr.isatty())
         self._bar = None
         if enabled and use_bar:
@@ -114,21 +151,43 @@ class Progress:
 
             self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
         self._every = max(total // 20, 1)
+        self._first: tuple[int, float] | None = None  # (step, time) of the first update: rates start there
+
+    def fields(self, record: dict[str, Any]) -> dict[str, str]:
+        """The step's figures as short ``name: text`` pairs."""
+        short = {"reward": f"{record['reward_mean']:.3f}", "len": f"{record['response_length_mean']:.1f}"}
+        if self.show_kl and "ppo_kl" in record:
+            short["kl"] = f"{record['ppo_kl']:.2e}"
+        if "entropy" in record:
+            short["ent"] = f"{record['entropy']:.3f}"
+        if "grad_norm" in record:
+            short["gn"] = f"{record['grad_norm']:.3g}"
+        return short
+
+    def rate_and_eta(self, step: int) -> tuple[float, float]:
+        """Steps per second since the first step this process took (the first step's one-off start-up
+        costs left out), and the seconds left at that rate; NaN at the first step."""
+        now = time.monotonic()
+        if self._first is None:
+            self._first = (step, now)
+        done, elapsed = step - self._first[0], now - self._first[1]
+        rate = done / elapsed if done > 0 and elapsed > 0 else float("nan")
+        return rate, (self.total - step) / rate if rate > 0 else float("nan")
 
     def update(self, record: dict[str, Any]) -> None:
-        """Show the step's reward, length and loss."""
+        """Show the step's figures (the bar shows its own rate and time left)."""
         if not self.enabled:
             return
-        short = {
-            "reward": f"{record['reward_mean']:.3f}",
-            "len": f"{record['response_length_mean']:.1f}",
-            "loss": f"{record['pg_loss']:+.4f}",
-        }
+        short = self.fields(record)
+        rate, eta = self.rate_and_eta(record["step"])
         if self._bar is not None:
             self._bar.set_postfix(short, refresh=False)
             self._bar.update(1)
-        elif record["step"] % self._every == 0 or record["step"] == 1:
-            log.info("step %d  %s", record["step"], "  ".join(f"{k}={v}" for k, v in short.items()))
+        elif record["step"] % self._every == 0 or record["step"] == 1 or record["step"] == self.total:
+            parts = [f"step {record['step']}/{self.total}", *(f"{k}={v}" for k, v in short.items())]
+            if not math.isnan(rate):
+                parts += [f"{rate:.2f} step/s", f"ETA {format_duration(eta)}"]
+            log.info("%s", "  ".join(parts))
 
     def close(self) -> None:
         """Close the bar."""

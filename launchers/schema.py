@@ -1,7 +1,8 @@
-"""The committed JSON Schema of a run's configuration, generated from the pydantic models.
+"""Files generated from the pydantic models: the JSON Schema of a run and the Hydra plugin's loss base.
 
-``python -m launchers.schema --write`` (or ``make schema``) regenerates ``conf/schema.json``;
-``--check`` exits 1 when the committed file is stale. Editors and CI can validate YAML against it.
+``python -m launchers.schema --write`` (or ``make schema``) regenerates both ``conf/schema.json`` and
+``hydra_plugins/rl_loss_searchpath/loss_base.py`` (LossConfig's defaults as a plain literal, so that
+the plugin imports neither torch nor rl_loss); ``--check`` exits 1 when either committed file is stale.
 """
 
 from __future__ import annotations
@@ -12,8 +13,12 @@ import sys
 from pathlib import Path
 
 from launchers.config import RunConfig
+from rl_loss.config import LossConfig
 
-SCHEMA_PATH = Path(__file__).resolve().parent.parent / "conf" / "schema.json"
+ROOT = Path(__file__).resolve().parent.parent
+SCHEMA_PATH = ROOT / "conf" / "schema.json"
+LOSS_BASE_PATH = ROOT / "hydra_plugins" / "rl_loss_searchpath" / "loss_base.py"
+REGENERATE = "`make schema` (python -m launchers.schema --write)"
 
 
 def render_schema() -> str:
@@ -22,24 +27,50 @@ def render_schema() -> str:
     return json.dumps(schema, indent=2, sort_keys=True) + "\n"
 
 
+def loss_base() -> dict:
+    """The ``loss/base`` node: LossConfig's defaults as Hydra sees them (aliases, JSON values)."""
+    return LossConfig().model_dump(mode="json", by_alias=True)
+
+
+def render_loss_base() -> str:
+    """``loss_base.py``: the :func:`loss_base` dict as a Python literal, one key per line."""
+    lines = [f"    {json.dumps(key)}: {_literal(value)}," for key, value in loss_base().items()]
+    return (
+        '"""The ``loss/base`` node of the Hydra plugin: LossConfig\'s defaults as plain values.\n\n'
+        f"GENERATED from rl_loss.config.LossConfig by {REGENERATE}; do not edit.\n"
+        "A literal, so that the plugin imports neither torch nor rl_loss; tests/test_hydra_plugin.py fails\n"
+        'when it differs from LossConfig().model_dump(mode="json", by_alias=True).\n'
+        '"""\n\n'
+        "LOSS_BASE = {\n" + "\n".join(lines) + "\n}\n"
+    )
+
+
+def _literal(value: object) -> str:
+    return json.dumps(value) if isinstance(value, str) else repr(value)
+
+
+GENERATED = {SCHEMA_PATH: render_schema, LOSS_BASE_PATH: render_loss_base}
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Write or check ``conf/schema.json``."""
+    """Write or check the generated files."""
     parser = argparse.ArgumentParser(prog="python -m launchers.schema", description=__doc__.splitlines()[0])
     mode = parser.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--write", action="store_true", help="regenerate conf/schema.json")
-    mode.add_argument("--check", action="store_true", help="exit 1 if conf/schema.json is stale")
+    mode.add_argument("--write", action="store_true", help="regenerate conf/schema.json and the plugin's loss base")
+    mode.add_argument("--check", action="store_true", help="exit 1 if a generated file is stale")
     args = parser.parse_args(argv)
-    fresh = render_schema()
-    if args.write:
-        SCHEMA_PATH.write_text(fresh)
-        print(f"wrote {SCHEMA_PATH}")
-        return 0
-    current = SCHEMA_PATH.read_text() if SCHEMA_PATH.exists() else ""
-    if current != fresh:
-        print(f"{SCHEMA_PATH} is stale: regenerate it with `make schema` (python -m launchers.schema --write)")
-        return 1
-    print(f"{SCHEMA_PATH} is up to date")
-    return 0
+    stale = 0
+    for path, render in GENERATED.items():
+        fresh = render()
+        if args.write:
+            path.write_text(fresh)
+            print(f"wrote {path}")
+        elif (path.read_text() if path.exists() else "") != fresh:
+            print(f"{path} is stale: regenerate it with {REGENERATE}")
+            stale = 1
+        else:
+            print(f"{path} is up to date")
+    return stale
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 The command line is validated whole (every sweep job) by :mod:`launchers.preflight` before Hydra
 starts any job; each job then validates its composed config again with the real world size and runs
-:func:`launchers.trainer.train` in Hydra's run folder.
+:func:`launchers.trainer.train` (``backend=toy``) or :func:`launchers.hf.train.train` (``backend=trl``) in
+Hydra's run folder; the backend section names its entry point, imported only when the job starts.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from launchers.backends import import_entry
 from launchers.conf_store import register_configs
 from launchers.preflight import CONFIG_DIR, CONFIG_NAME, ConfigError, validate_run, world_size_from_env
 
@@ -28,8 +30,7 @@ def hydra_job(cfg: DictConfig) -> float | None:
     except ConfigError as err:
         print("Invalid configuration:\n  " + "\n  ".join(err.problems), file=sys.stderr)
         raise SystemExit(2) from None
-    from launchers.trainer import train
-
+    train = import_entry(config.backend.entry_point)  # the backend's trainer, imported only now
     factory = hydra.utils.instantiate(cfg.loss)  # the loss group's _target_: rl_loss.build_reducer_factory
     return train(config, HydraConfig.get().runtime.output_dir, factory=factory)
 
@@ -65,10 +66,16 @@ def main(argv: list[str] | None = None) -> None:
     argv = ["--help" if a == "--hydra-help" else a for a in argv]
     from launchers.preflight import preflight
 
-    preflight(argv)
+    jobs = preflight(argv)
     if world_size_from_env() > 1 and not any(a.startswith("hydra.run.dir=") for a in argv):
         # Hydra stamps each process's folder with its own clock; ranks must share one run folder.
         argv = [*argv, f"hydra.run.dir={torchrun_run_dir()}"]
+    run_dir = next((a.split("=", 1)[1] for a in argv if a.startswith("hydra.run.dir=")), None)
+    if jobs and len(jobs) == 1 and run_dir and "${" not in run_dir and not any(a in ("-m", "--multirun") for a in argv):
+        from launchers.run_guard import precheck
+
+        # A refused launch (live run, changed recipe) must not leave Hydra's files in that folder.
+        precheck(jobs[0].config, run_dir, quiet=int(os.environ.get("RANK", "0")) > 0)
     if int(os.environ.get("RANK", "0")) > 0:
         # rank 0 alone writes the run folder's .hydra/ record and log file
         argv = [*argv, "hydra.output_subdir=null", "hydra/job_logging=disabled"]

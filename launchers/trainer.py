@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import copy
 import logging
-import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +21,12 @@ import torch
 from torch import Tensor
 
 from launchers import distributed
+from launchers.checkpoints import prune_checkpoints, resume_newest, save_checkpoint
 from launchers.config import RunConfig
-from launchers.run_io import (
-    MetricsWriter,
-    Progress,
-    checkpoint_path,
-    latest_checkpoint,
-    rng_state,
-    save_atomic,
-    set_rng_state,
-)
+from launchers.preemption import StopRequest
+from launchers.run_guard import open_run
+from launchers.run_io import MetricsWriter, Progress, checkpoint_path, rng_state, set_rng_state
+from launchers.summary import log_run_summary
 from launchers.toy import DigitSumTask, ToyPolicy, all_gather_kv, generate, local_logprobs
 from launchers.toy.model import ModelConfig as ToyModelConfig
 from rl_loss import ReducerFactory, StepBatch, group_advantages, policy_loss
@@ -55,25 +50,6 @@ class PreparedRollout:
     advantages: Tensor
     old_logprobs: list[Tensor]
     ref_logprobs: list[Tensor] | None
-
-
-class _StopRequest:
-    """Turns the first Ctrl-C into a request honoured after the current optimizer step."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous = signal.getsignal(signal.SIGINT)
-        signal.signal(signal.SIGINT, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:  # a second Ctrl-C stops at once
-            signal.signal(signal.SIGINT, self._previous)
-            raise KeyboardInterrupt
-        self.requested = True
-        log.warning("Ctrl-C: finishing this step, writing a checkpoint, then stopping (again to abort)")
-
-    def restore(self) -> None:
-        signal.signal(signal.SIGINT, self._previous)
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -103,9 +79,17 @@ def train(config: RunConfig, run_dir: str | Path, factory: ReducerFactory | None
     device = resolve_device(config.device)
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     ctx = distributed.setup(config.parallel.cp_size, config.parallel.backend, device)
+    agree = ctx.all_reduce_sum if ctx.distributed else None
     try:
-        trainer = Trainer(config, Path(run_dir), ctx, device, factory or ReducerFactory(config.loss))
-        return trainer.run()
+        with open_run(config, run_dir, is_main=ctx.is_main, agree=agree) as run:  # lock + recipe guard
+            trainer = Trainer(run.config, Path(run_dir), ctx, device, factory or ReducerFactory(config.loss))
+            # loaded on the CPU: RNG states must stay CPU tensors; load_state_dict copies onto the model's device
+            resumed = run.config.resume and resume_newest(run_dir, trainer.restore, "cpu", is_main=ctx.is_main,
+                                                          agree=agree)
+            if run.config.resume and resumed is None and ctx.is_main:
+                log.warning("resume=true but %s holds no checkpoint: starting from step 0", run_dir)
+            run.record(trainer.step)
+            return trainer.run()
     finally:
         distributed.teardown(ctx)
 
@@ -123,7 +107,7 @@ class Trainer:
             target_min=config.task.target_min,
             target_max=config.task.target_max,
         )
-        sizes = config.model.model_dump()
+        sizes = config.model.model_dump(exclude={"kind"})
         self.policy = ToyPolicy(ToyModelConfig.for_task(self.task, **sizes)).to(device)
         self.reference = copy.deepcopy(self.policy).requires_grad_(False) if config.loss.kl_coef > 0 else None
         self.optimizer = torch.optim.AdamW(
@@ -133,8 +117,9 @@ class Trainer:
         self.kv_exchange = all_gather_kv(ctx.cp_group) if ctx.cp_size > 1 else None
         self.max_seq_len = self.task.max_total_len if config.parallel.qkv_format == "bshd" else None
         self.step = 0
+        self._saved_step = -1  # the step of the last checkpoint written or restored
         self.rollout: PreparedRollout | None = None
-        self.stop: _StopRequest | None = None  # installed by run(): Ctrl-C handling belongs to the loop
+        self.stop: StopRequest | None = None  # installed by run(): signal handling belongs to the loop
 
     # -- rollouts ---------------------------------------------------------------------------
 
@@ -207,7 +192,7 @@ class Trainer:
             partials += torch.stack([metrics[k].cpu() if k in metrics else torch.zeros((), dtype=torch.float64)
                                      for k in METRIC_KEYS])
 
-        stop = torch.tensor([float(self.stop is not None and self.stop.requested)], dtype=torch.float64)
+        stop = self.stop.as_tensor() if self.stop is not None else torch.zeros(0, dtype=torch.float64)
         reduced = ctx.all_reduce_sum(torch.cat([partials, stop]))
         self._all_reduce_grads()
         grad_norm = self._clip_and_step()
@@ -228,7 +213,7 @@ class Trainer:
         }
         if ro.ref_logprobs is None:
             record.pop("kl_loss")
-        self._stop_everywhere = bool(reduced[-1] > 0)
+        self._stop_everywhere = self.stop is not None and self.stop.adopt(reduced[len(METRIC_KEYS):])
         return record
 
     def _local(self, per_token: Tensor | None, index: Tensor) -> Tensor | None:
@@ -261,54 +246,50 @@ class Trainer:
 
     def _save(self) -> Path:
         path = checkpoint_path(self.run_dir, self.step)
-        if self.ctx.is_main:
-            state = {
+        if self.ctx.is_main and self._saved_step != self.step:
+            half_used = self.rollout is not None and self.step % self.config.steps_per_rollout
+            state = {  # tensors and plain containers only: loadable with weights_only=True
                 "step": self.step,
                 "policy": self.policy.state_dict(),
                 "reference": self.reference.state_dict() if self.reference is not None else None,
                 "optimizer": self.optimizer.state_dict(),
                 "generator": self.generator.get_state(),
                 "rng": rng_state(),
-                "rollout": self.rollout if self.step % self.config.steps_per_rollout else None,
+                "rollout": {f.name: getattr(self.rollout, f.name) for f in fields(PreparedRollout)} if half_used else None,
             }
-            save_atomic(state, path)
-            old = sorted(path.parent.glob("step_*.pt"))[:-KEEP_CHECKPOINTS]
-            for stale in old:
-                stale.unlink(missing_ok=True)
+            save_checkpoint(state, path)
+            prune_checkpoints(self.run_dir, KEEP_CHECKPOINTS)
+        self._saved_step = self.step
         if self.ctx.distributed:
             torch.distributed.barrier(group=self.ctx.world_group)
         return path
 
-    def _load(self, path: Path) -> None:
-        state = torch.load(path, map_location=self.device, weights_only=False)
-        self.step = state["step"]
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint's state (:func:`launchers.checkpoints.resume_newest` calls it)."""
         self.policy.load_state_dict(state["policy"])
         if self.reference is not None and state["reference"] is not None:
             self.reference.load_state_dict(state["reference"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
         set_rng_state(state["rng"])
-        self.rollout = state["rollout"]
+        self.rollout = PreparedRollout(**state["rollout"]) if state["rollout"] is not None else None
+        self.step = self._saved_step = int(state["step"])
 
     # -- the loop ---------------------------------------------------------------------------
 
     def run(self) -> float:
         cfg, ctx = self.config, self.ctx
-        resume_from = latest_checkpoint(self.run_dir) if cfg.resume else None
-        if cfg.resume and resume_from is None:
-            log.warning("resume=true but %s holds no checkpoint: starting from step 0", self.run_dir)
-        if resume_from is not None:
-            self._load(resume_from)
-            log.info("resumed from %s (step %d)", resume_from, self.step)
-        writer = MetricsWriter(self.run_dir, self.step if resume_from else None) if ctx.is_main else None
+        writer = MetricsWriter(self.run_dir, self.step if cfg.resume else None) if ctx.is_main else None
         if ctx.is_main:
             log.info("task: %s", self.task.describe())
             log.info("aggregation=%s world=%d (DP %d x CP %d, %s) run folder: %s", self.factory.aggregation,
                      ctx.world_size, ctx.dp_size, ctx.cp_size, cfg.parallel.qkv_format, self.run_dir)
-        progress = Progress(cfg.trainer.max_steps, self.step, cfg.progress, enabled=ctx.is_main)
-        self.stop = _StopRequest()
+        progress = Progress(cfg.trainer.max_steps, self.step, cfg.progress, enabled=ctx.is_main,
+                            show_kl=cfg.steps_per_rollout > 1)
+        self.stop = StopRequest()
         self._stop_everywhere = False
         reward = float("nan")
+        first_step, started, outcome = self.step, time.monotonic(), None
         try:
             while self.step < cfg.trainer.max_steps:
                 within = self.step % cfg.steps_per_rollout
@@ -322,15 +303,23 @@ class Trainer:
                 progress.update(record)
                 if self.step % cfg.trainer.save_every == 0 or self.step == cfg.trainer.max_steps:
                     self._save()
-                if self._stop_everywhere:
+                if self._stop_everywhere and self.step < cfg.trainer.max_steps:
                     path = self._save()
+                    outcome = "stopped"
                     if ctx.is_main:
-                        log.warning("stopped at step %d; checkpoint %s. Continue with: resume=true hydra.run.dir=%s",
-                                    self.step, path, self.run_dir)
-                    raise SystemExit(130)
+                        log.warning("stopped at step %d; checkpoint %s", self.step, path)
+                    self.stop.finish()  # exits (after submitit's requeue inside a submitit job)
+            outcome = "finished"
+        except KeyboardInterrupt:
+            outcome = "aborted"
+            raise
         finally:
             self.stop.restore()
             progress.close()
             if writer is not None:
                 writer.close()
+            if ctx.is_main and outcome is not None:  # a crash ends on its traceback instead
+                log_run_summary(self.run_dir, outcome=outcome, wall_seconds=time.monotonic() - started,
+                                first_step=first_step, last_step=self.step, max_steps=cfg.trainer.max_steps,
+                                world_size=ctx.world_size)
         return reward

@@ -10,17 +10,33 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from launchers.cli_help import group_options
-from launchers.conf_store import register_configs
+from launchers.conf_store import register_configs, section_options
 from launchers.preflight import CONFIG_DIR, compose_job
 from launchers.schema import SCHEMA_PATH, render_schema
 from rl_loss import ReducerFactory
 
+REQUIRED_BY_OPTION = {"model=hf": ["model.name_or_path=org/some-model"]}  # validation loads nothing
+
 
 def all_group_combinations() -> list[list[str]]:
+    """Every combination of group options that a backend can train (backend=toy only trains model=toy)."""
     groups = {g: opts for g, opts in group_options().items() if not g.startswith("hydra/")}
     assert "loss" in groups and groups["loss"], "Hydra lists no loss presets"
     keys = sorted(groups)
-    return [[f"{k}={v}" for k, v in zip(keys, combo, strict=True)] for combo in itertools.product(*(groups[k] for k in keys))]
+    combos = []
+    for combo in itertools.product(*(groups[k] for k in keys)):
+        chosen = dict(zip(keys, combo, strict=True))
+        if chosen["model"] not in section_options("backend")[chosen["backend"]].model_kinds:
+            continue
+        overrides = [f"{k}={v}" for k, v in chosen.items()]
+        combos.append(overrides + [x for o in overrides for x in REQUIRED_BY_OPTION.get(o, [])])
+    return combos
+
+
+def test_group_combinations_cover_both_backends_and_every_model():
+    combos = [" ".join(c) for c in all_group_combinations()]
+    for option in ("backend=toy", "backend=trl", "model=toy", "model=hf_tiny", "model=hf"):
+        assert any(option in c.split() for c in combos), option
 
 
 def test_hydra_lists_the_loss_presets():

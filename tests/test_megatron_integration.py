@@ -214,6 +214,11 @@ def megatron_transformer_config(calculate_per_token_loss: bool):
     return new_transformer_config(calculate_per_token_loss)
 
 
+def agreeing_config(factory: ReducerFactory):
+    """Megatron's TransformerConfig with the calculate_per_token_loss the loss config asks for."""
+    return megatron_transformer_config(factory.config.calculate_per_token_loss)
+
+
 def new_transformer_config(calculate_per_token_loss: bool):
     """The smallest TransformerConfig; only calculate_per_token_loss (and the defaults) matter here."""
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -336,7 +341,8 @@ def test_megatron_gradient_is_grad_of_step_objective(mode, layout, fmt, schedule
 
     def build(mb, cp_rank):
         return megatron_loss_func(
-            factory, batch, num_microbatches=nmb, dp_cp_size=dp * cp, **placement(mb, cp_rank, cp, fmt)
+            factory, batch, num_microbatches=nmb, dp_cp_size=dp * cp, megatron_config=agreeing_config(factory),
+            **placement(mb, cp_rank, cp, fmt),
         )
 
     def output(replica, mb, cp_rank):
@@ -367,7 +373,8 @@ def test_all_masked_step_gives_zero_loss_and_zero_gradient(mode):
 
     def build(mb, cp_rank):
         return megatron_loss_func(
-            factory, batch, num_microbatches=nmb, dp_cp_size=dp * cp, **placement(mb, cp_rank, cp, "thd")
+            factory, batch, num_microbatches=nmb, dp_cp_size=dp * cp, megatron_config=agreeing_config(factory),
+            **placement(mb, cp_rank, cp, "thd"),
         )
 
     def output(replica, mb, cp_rank):
@@ -470,6 +477,7 @@ def test_policy_loss_func_gradient_is_grad_of_full_loss(mode, layout, fmt):
             rs_mask=cut(inputs.rs),
             num_microbatches=nmb,
             dp_cp_size=dp * cp,
+            megatron_config=agreeing_config(factory),
             logprobs_from_output=lambda out: (out[0], out[1]),
             **placement(mb, cp_rank, cp, fmt),
         )
@@ -499,8 +507,10 @@ def test_loss_func_returns_megatrons_three_tuple():
     batch = step.batch()
     values = torch.ones(sum(step.response_lengths[:2]), dtype=torch.float64, requires_grad=True)
     for mode in ("sample_mean", "token_mean"):
+        factory = factory_for(mode)
         loss_func = megatron_loss_func(
-            factory_for(mode), batch, sample_indices=[0, 1], num_microbatches=3, dp_cp_size=4
+            factory, batch, sample_indices=[0, 1], num_microbatches=3, dp_cp_size=4,
+            megatron_config=agreeing_config(factory),
         )
         loss, num_tokens, report = loss_func(values)
         assert loss.dim() == 0 and loss.requires_grad
@@ -525,6 +535,7 @@ def test_loss_func_accepts_a_model_output_mapper():
         sample_indices=[2],
         num_microbatches=1,
         dp_cp_size=1,
+        megatron_config=agreeing_config(factory_for("sample_mean")),
         values_from_output=lambda out: out[:, 0],
     )
     loss, _, _ = loss_func(torch.ones(n, 2, dtype=torch.float64))
@@ -534,8 +545,10 @@ def test_loss_func_accepts_a_model_output_mapper():
 
 def test_local_values_of_the_wrong_length_are_rejected():
     step = random_step(5)
+    factory = factory_for("sample_mean")
     loss_func = megatron_loss_func(
-        factory_for("sample_mean"), step.batch(), sample_indices=[0], num_microbatches=1, dp_cp_size=1
+        factory, step.batch(), sample_indices=[0], num_microbatches=1, dp_cp_size=1,
+        megatron_config=agreeing_config(factory),
     )
     with pytest.raises(ValueError, match="local_values must be a 1-D tensor"):
         loss_func(torch.ones(step.response_lengths[0] + 1, dtype=torch.float64))
@@ -544,8 +557,9 @@ def test_local_values_of_the_wrong_length_are_rejected():
 @pytest.mark.parametrize("field, value", [("num_microbatches", 0), ("dp_cp_size", -2), ("dp_cp_size", 2.0)])
 def test_bad_sizes_are_rejected(field, value):
     sizes = {"num_microbatches": 1, "dp_cp_size": 1, field: value}
+    factory = factory_for("sample_mean")
     with pytest.raises(ValueError, match=f"{field} must be an integer >= 1"):
-        megatron_loss_func(factory_for("sample_mean"), random_step(6).batch(), **sizes)
+        megatron_loss_func(factory, random_step(6).batch(), megatron_config=agreeing_config(factory), **sizes)
 
 
 @pytest.mark.parametrize(
@@ -573,6 +587,17 @@ def test_megatron_flag_must_match_the_loss_config(mode, megatron_flag, message):
 def test_megatron_config_without_the_flag_is_rejected():
     with pytest.raises(ValueError, match="no calculate_per_token_loss attribute"):
         check_megatron_config(factory_for("sample_mean"), object())
+
+
+@pytest.mark.parametrize("build", [megatron_loss_func, megatron_policy_loss_func])
+def test_megatron_config_is_a_required_argument(build):
+    # without it, a disagreeing calculate_per_token_loss would train on a wrong gradient with no error
+    factory, batch = factory_for("token_mean"), random_step(8).batch()
+    inputs = {"old_logprobs": torch.zeros(1), "advantages": torch.zeros(1)} if build is megatron_policy_loss_func else {}
+    with pytest.raises(TypeError, match="megatron_config"):
+        build(factory, batch, num_microbatches=1, dp_cp_size=1, **inputs)
+    with pytest.raises(ValueError, match="megatron_config has no calculate_per_token_loss attribute"):
+        build(factory, batch, num_microbatches=1, dp_cp_size=1, megatron_config=None, **inputs)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -688,5 +713,8 @@ def test_no_warnings_leak_from_a_normal_step():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         step = random_step(9)
-        loss_func = megatron_loss_func(factory_for("prompt_mean"), step.batch(), num_microbatches=1, dp_cp_size=1)
+        factory = factory_for("prompt_mean")
+        loss_func = megatron_loss_func(
+            factory, step.batch(), num_microbatches=1, dp_cp_size=1, megatron_config=agreeing_config(factory)
+        )
         loss_func(torch.zeros(sum(step.response_lengths), dtype=torch.float64))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -280,6 +281,7 @@ def test_megatron_policy_loss_func_passes_the_cp_all_reduce_to_gspo():
             factory, step, old_logprobs=torch.zeros(len(indices[r]), dtype=torch.float64),
             advantages=torch.ones(len(indices[r]), dtype=torch.float64), num_microbatches=1, dp_cp_size=2,
             cp_rank=r, cp_size=2, cp_all_reduce=lambda p, other=partials[1 - r]: p + other,
+            megatron_config=SimpleNamespace(calculate_per_token_loss=False),
         )
         loss, _, _ = loss_func(logp[indices[r]])
         total += float(loss)
@@ -334,3 +336,19 @@ def test_hand_built_reducer_finds_each_local_values_sample_from_its_index():
                            samples=torch.tensor([2, 0]))
     assert reducer.local_sample_index.tolist() == [0, 1, 1]
     assert reducer.sample_partial_means(t64([7.0, 1.0, 2.0])).tolist() == pytest.approx([7.0, 1.5], rel=1e-12)
+
+
+def test_trl_trainer_divides_centred_advantages_by_their_batch_std():
+    # TRL's scale_rewards="none" advantages c = r - mean_g, here two processes' shares [-1, 1] and [-4, 0, 4]:
+    # sum c^2 = 34 over N = 5 -> std_B = sqrt(34 / 4) = sqrt(8.5); this process (the first) gets [-1, 1] / (std_B + eps)
+    from rl_loss.integrations.trl import RLLossGRPOTrainer
+
+    eps = 1e-6
+    local = torch.tensor([-1.0, 1.0])
+    fake = SimpleNamespace(
+        accelerator=SimpleNamespace(gather=lambda t: torch.cat([t, torch.tensor([-4.0, 0.0, 4.0])])),
+        loss_config=LossConfig(advantage_estimator="grpo_batch_std", advantage_eps=eps),
+    )
+    got = RLLossGRPOTrainer._batch_std_advantages(fake, local)
+    assert got.dtype == torch.float32
+    assert got.tolist() == pytest.approx([-1 / (math.sqrt(8.5) + eps), 1 / (math.sqrt(8.5) + eps)], rel=1e-6)

@@ -109,7 +109,8 @@ def test_resume_mid_rollout_continues_bit_identically(tmp_path):
 def test_checkpoints_are_written_atomically(tmp_path):
     run_tiny(tmp_path, "trainer.max_steps=2", "trainer.save_every=1")
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    assert names == ["step_000001.pt", "step_000002.pt"]  # no temporary file left behind
+    # each checkpoint with its checksum beside it, and no temporary file left behind
+    assert names == ["step_000001.pt", "step_000001.pt.sha256", "step_000002.pt", "step_000002.pt.sha256"]
 
 
 def launch(run_dir: Path, *overrides: str) -> subprocess.Popen:

@@ -47,8 +47,12 @@ Which path and why. Both modes use the **3-tuple** return:
   The counts come from the pre-RS loss masks, like every denominator (SPEC §2).
 
 Megatron's ``calculate_per_token_loss`` (on its ``TransformerConfig``) must equal
-``factory.config.calculate_per_token_loss``: pass ``megatron_config=`` or call
-:func:`check_megatron_config` once at setup. One :class:`~rl_loss.StepBatch` must describe exactly the
+``factory.config.calculate_per_token_loss``: measured through megatron-core's schedule, a token_mean
+``loss_func`` under a config without the flag gives a gradient off by 7-46% (30 random steps of 14
+samples in 4 micro-batches, ``tests/test_megatron_schedule.py``) with no error. So
+``megatron_config=`` is a required argument of both loss funcs, checked by
+:func:`check_megatron_config` when the ``loss_func`` is built: a disagreement raises at the first
+micro-batch, before any gradient. One :class:`~rl_loss.StepBatch` must describe exactly the
 samples of one ``forward_backward_func`` call over all DP ranks (one optimizer step), each sample on
 exactly one micro-batch of one DP rank.
 
@@ -71,6 +75,7 @@ Example (inside a Megatron-LM ``forward_step_func``)::
             cp_rank=ps.get_context_parallel_rank(), cp_size=ps.get_context_parallel_world_size(),
             qkv_format="thd", num_microbatches=get_num_microbatches(),
             dp_cp_size=ps.get_data_parallel_world_size(with_context_parallel=True),
+            megatron_config=model.config,   # its TransformerConfig: calculate_per_token_loss is checked
             logprobs_from_output=lambda out: gather_response_logprobs(out, batch),
         )
         return output, loss_func
@@ -139,13 +144,13 @@ def megatron_loss_func(
     *,
     num_microbatches: int,
     dp_cp_size: int,
+    megatron_config: Any,
     sample_indices: Sequence[int] | None = None,
     cp_rank: int = 0,
     cp_size: int = 1,
     qkv_format: str = "thd",
     max_seq_len: int | None = None,
     values_from_output: Callable[[Tensor], Tensor] | None = None,
-    megatron_config: Any = None,
 ) -> MegatronLossFunc:
     """Megatron ``loss_func`` reducing a per-token pg loss with the configured aggregation.
 
@@ -155,20 +160,22 @@ def megatron_loss_func(
         num_microbatches: micro-batches per DP rank in this ``forward_backward_func`` call (the value
             the schedule divides by).
         dp_cp_size: size of Megatron's DP x CP group (``get_data_parallel_world_size(with_context_parallel=True)``).
+        megatron_config: Megatron's model config (``TransformerConfig``, e.g. ``model.config``), whose
+            ``calculate_per_token_loss`` must agree with the loss config (:func:`check_megatron_config`).
         sample_indices: samples of this micro-batch on this DP rank, in the order of the local values;
             ``None`` means every sample of the step.
         cp_rank, cp_size: this rank's place in the context-parallel group.
         qkv_format: ``"thd"`` or ``"bshd"``; max_seq_len: padded width, required for bshd with CP.
         values_from_output: maps the model's output tensor to this rank's 1-D per-token loss values
             (SPEC §4 order); ``None`` means the output already is that tensor.
-        megatron_config: optional Megatron config checked with :func:`check_megatron_config`.
 
     Returns:
         ``loss_func(output_tensor) -> (loss, num_tokens, {"pg_loss": [partial * k, 1]})``, see the
         module docstring for the scaling.
 
     Raises:
-        ValueError: for invalid sizes, CP arguments or sample indices (here), or local values of the
+        ValueError: for invalid sizes, CP arguments or sample indices, or a ``megatron_config`` whose
+            ``calculate_per_token_loss`` disagrees with the loss config (here), or local values of the
             wrong length (when ``loss_func`` is called).
     """
     contract = _MegatronContract(factory, step, sample_indices, cp_rank, cp_size, qkv_format, max_seq_len,
@@ -190,6 +197,7 @@ def megatron_policy_loss_func(
     advantages: Tensor,
     num_microbatches: int,
     dp_cp_size: int,
+    megatron_config: Any,
     sample_indices: Sequence[int] | None = None,
     cp_rank: int = 0,
     cp_size: int = 1,
@@ -199,7 +207,6 @@ def megatron_policy_loss_func(
     tis_weights: Tensor | None = None,
     rs_mask: Tensor | None = None,
     logprobs_from_output: Callable[[Tensor], Tensor | tuple[Tensor, Tensor]] | None = None,
-    megatron_config: Any = None,
     cp_all_reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> MegatronLossFunc:
     """Megatron ``loss_func`` computing the full policy loss (:func:`rl_loss.policy_loss`) of a micro-batch.
@@ -267,8 +274,7 @@ class _MegatronContract:
     ):
         _check_positive_int("num_microbatches", num_microbatches)
         _check_positive_int("dp_cp_size", dp_cp_size)
-        if megatron_config is not None:
-            check_megatron_config(factory, megatron_config)
+        check_megatron_config(factory, megatron_config)  # before any gradient: a disagreement is silent otherwise
         self.pg_reducer: TokenReducer = factory.pg_reducer(
             step, sample_indices, cp_rank, cp_size, qkv_format, max_seq_len
         )

@@ -1,0 +1,216 @@
+"""Checkpoints that verify and cannot run code: atomic write, a sha256 file beside each, safe loading, fallback.
+
+A checkpoint holds only tensors and plain containers (dicts, lists, tuples, numbers, strings, None)
+and is loaded with ``torch.load(weights_only=True)``, whose unpickler refuses any other Python
+global: a crafted file cannot run code on resume. After the checkpoint is in place (temporary file,
+fsync, rename), ``<name>.sha256`` is written beside it the same way, in ``sha256sum`` format
+(``sha256sum -c step_000100.pt.sha256`` checks it by hand). A checkpoint counts only when its
+checksum file exists and matches: a crash between the two leaves an unverified checkpoint that
+resume skips. Resume takes the newest checkpoint that verifies, loads and restores, and names each
+one it skips and why; if none is usable it says so in one line and exits 2.
+
+The helpers take files or folders (a folder's checksum file lists every file in it), so a backend
+with its own checkpoint layout (a Hugging Face ``checkpoint-N/`` folder) verifies the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import pickle
+import re
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from launchers.run_io import CHECKPOINT_DIR, save_atomic
+
+log = logging.getLogger("launchers.train")
+
+CHECKSUM_SUFFIX = ".sha256"
+EXIT_NOTHING_USABLE = 2
+_STEP_RE = re.compile(r"^step_(\d+)\.pt$")
+
+Agree = Callable[[torch.Tensor], torch.Tensor]
+"""Sum a tensor over every process (an all-reduce); None for a single process."""
+
+
+class UnusableCheckpoint(Exception):
+    """A checkpoint resume must skip; the message is one line saying why."""
+
+
+def checksum_path(path: Path) -> Path:
+    """Where the checksum of ``path`` (a file or folder) lives: beside it, ``<name>.sha256``."""
+    return path.with_name(path.name + CHECKSUM_SUFFIX)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _members(path: Path) -> list[tuple[str, Path]]:
+    """(name in the checksum file, file) for a file, or for every file under a folder."""
+    if path.is_dir():
+        return [(f"{path.name}/{p.relative_to(path).as_posix()}", p) for p in sorted(path.rglob("*")) if p.is_file()]
+    return [(path.name, path)]
+
+
+def write_checksum(path: Path) -> Path:
+    """Write ``<path>.sha256`` (``sha256sum`` format) atomically, after ``path`` is complete."""
+    text = "".join(f"{_sha256(member)}  {name}\n" for name, member in _members(path))
+    target = checksum_path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def verify_checksum(path: Path) -> str | None:
+    """None when ``path`` matches its checksum file, else one line saying what is wrong."""
+    target = checksum_path(path)
+    if not target.exists():
+        return f"no checksum file {target.name} (the run ended before it was written)"
+    try:
+        expected = dict(reversed(line.split("  ", 1)) for line in target.read_text().splitlines() if line)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return f"checksum file {target.name} is damaged"
+    actual = dict((name, member) for name, member in _members(path))
+    if set(expected) != set(actual):
+        return f"its files differ from those listed in {target.name}"
+    for name, member in actual.items():
+        if _sha256(member) != expected[name]:
+            return f"sha256 mismatch for {name} (damaged or changed after it was written)"
+    return None
+
+
+def save_checkpoint(state: dict[str, Any], path: Path) -> Path:
+    """Write ``state`` atomically, then its checksum file; ``state`` must hold tensors and plain containers."""
+    checksum_path(path).unlink(missing_ok=True)  # an older file's checksum must never vouch for this one
+    save_atomic(state, path)
+    write_checksum(path)
+    return path
+
+
+def load_checkpoint(path: Path, map_location: Any = "cpu", *, verify: bool = True) -> dict[str, Any]:
+    """Verify ``path`` and load it with ``weights_only=True``.
+
+    Raises:
+        UnusableCheckpoint: a one-line reason (no checksum, mismatch, truncated, code inside, not a dict).
+    """
+    if verify and (problem := verify_checksum(path)):
+        raise UnusableCheckpoint(problem)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise UnusableCheckpoint(_unpickling_reason(err)) from None
+    except (RuntimeError, EOFError, OSError, ValueError, UnicodeDecodeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UnusableCheckpoint(f"unreadable ({first.split('. ')[0]})") from None
+    if not isinstance(state, dict):
+        raise UnusableCheckpoint(f"holds a {type(state).__name__}, not a checkpoint's dict")
+    return state
+
+
+def _unpickling_reason(err: Exception) -> str:
+    text = str(err)
+    code = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if code:
+        return (f"refused: loading it would call {code.group(1)}, which no checkpoint of this launcher holds "
+                "(a file crafted to run code?); it was not loaded")
+    detail = re.search(r"WeightsUnpickler error: ([^\n]+)", text)
+    return f"unreadable ({detail.group(1).strip() if detail else 'not a torch checkpoint'})"
+
+
+def checkpoint_files(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every ``checkpoints/step_N.pt`` in ``run_dir``, newest first."""
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    found = [(int(m.group(1)), p) for p in folder.glob("step_*.pt") if (m := _STEP_RE.match(p.name))]
+    return sorted(found, reverse=True)
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    """Delete all but the ``keep`` newest checkpoints (with their checksum files) and stray temporary files."""
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    for _, stale in checkpoint_files(run_dir)[keep:]:
+        stale.unlink(missing_ok=True)
+        checksum_path(stale).unlink(missing_ok=True)
+    for tmp in folder.glob(".step_*.tmp"):  # left by a process killed mid-write
+        tmp.unlink(missing_ok=True)
+
+
+def resume_newest(
+    run_dir: Path,
+    restore: Callable[[dict[str, Any]], None],
+    map_location: Any = "cpu",
+    *,
+    is_main: bool = True,
+    agree: Agree | None = None,
+) -> int | None:
+    """Restore the newest usable checkpoint of ``run_dir``; returns its step, None when there is none.
+
+    The main process tries the checkpoints newest first: verify, load, ``restore(state)``; each one
+    skipped is named in a warning with its reason. The chosen step is shared with the other processes
+    (``agree``), which load the same file. ``restore`` raising KeyError, ValueError, TypeError or
+    RuntimeError (a state that does not fit the model) also skips the checkpoint.
+
+    Raises:
+        SystemExit: code 2 with one line when checkpoints exist but none is usable.
+    """
+    files = checkpoint_files(run_dir)
+    chosen, lines = -1, []
+    if is_main:
+        for step, path in files:
+            try:
+                _restore_from(path, restore, map_location, verify=True)
+            except UnusableCheckpoint as err:
+                log.warning("resume: skipping checkpoint %s: %s", path, err)
+                continue
+            chosen = step
+            break
+        if files and chosen < 0:
+            lines = [f"resume: none of the {len(files)} checkpoint(s) in {Path(run_dir) / CHECKPOINT_DIR} is usable "
+                     "(each is named above); restore one, or start a new run in another folder"]
+    if agree is not None:
+        shared = torch.tensor([float(chosen) if is_main else 0.0], dtype=torch.float64)
+        chosen = int(agree(shared)[0])
+    if files and chosen < 0:
+        for line in lines:
+            print(line, file=sys.stderr)
+        raise SystemExit(EXIT_NOTHING_USABLE)
+    if chosen < 0:
+        return None
+    if not is_main:
+        path = dict((s, p) for s, p in files)[chosen]
+        try:
+            _restore_from(path, restore, map_location, verify=False)
+        except UnusableCheckpoint as err:
+            print(f"resume: checkpoint {path} (usable on rank 0) failed here: {err}", file=sys.stderr)
+            raise SystemExit(EXIT_NOTHING_USABLE) from None
+    else:
+        log.info("resumed from %s (step %d)", dict(files)[chosen], chosen)
+    return chosen
+
+
+def _restore_from(path: Path, restore: Callable[[dict[str, Any]], None], map_location: Any, verify: bool) -> None:
+    state = load_checkpoint(path, map_location, verify=verify)
+    try:
+        restore(state)
+    except (KeyError, ValueError, TypeError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UnusableCheckpoint(f"does not fit this run ({type(err).__name__}: {first[:200]})") from None

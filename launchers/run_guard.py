@@ -1,0 +1,251 @@
+"""What a launch may do to a run folder: the lock, the recipe guard on resume, and requeued jobs.
+
+``run_config.json`` in the run folder holds the run's own validated configuration (Hydra's
+``.hydra/config.yaml`` is rewritten by every launch). A resume compares the newly composed
+configuration with it, field by field over the whole tree: a change to any field that is not in
+:data:`launchers.recipe.RUN_INVARIANT` alters the run's mathematics and is refused (exit 2, one line per field,
+``loss.aggregation: sample_mean -> token_mean``) unless ``allow_recipe_change=true``; changes to
+run-invariant fields are accepted and logged, and every accepted change is appended to the
+file's ``history``. Fields added to the configuration later (a new loss term, a backend section) are
+guarded without any change here.
+
+A launch without ``resume=true`` into a folder that already holds a run is refused too (it would
+overwrite the run's metrics), except for a requeued scheduler job (SLURM or submitit): the same job
+id that started the run resumes it by itself.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from launchers.config import RunConfig
+from launchers.recipe import changes, config_tree, run_invariant
+from launchers.run_io import CHECKPOINT_DIR
+from launchers.run_lock import (
+    LOCK_NAME,
+    RunFolderBusy,
+    RunLock,
+    busy_message,
+    read_owner,
+    scheduler_job_id,
+    stale_reason,
+    this_process,
+)
+
+log = logging.getLogger("launchers.train")
+
+RUN_CONFIG = "run_config.json"
+EXIT_REFUSED = 2
+
+class Refused(Exception):
+    """A launch that must not touch the run folder; ``lines`` are printed, then exit 2."""
+
+    def __init__(self, lines: list[str]):
+        super().__init__("\n".join(lines))
+        self.lines = lines
+
+
+def _holds_run(run_dir: Path) -> str | None:
+    """What shows that ``run_dir`` already holds a run, or None."""
+    if (run_dir / RUN_CONFIG).exists():
+        return RUN_CONFIG
+    if any((run_dir / CHECKPOINT_DIR).glob("step_*.pt")):
+        return "checkpoints"
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.exists() and metrics.stat().st_size:
+        return "metrics.jsonl"
+    return None
+
+
+def read_run_config(run_dir: Path) -> dict[str, Any] | None:
+    """The content of ``run_config.json``; None when absent. Raises Refused when damaged."""
+    path = run_dir / RUN_CONFIG
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        if isinstance(data, dict) and isinstance(data.get("config"), dict):
+            return data
+    except (OSError, ValueError):
+        pass
+    raise Refused([f"resume: {path} is damaged, so the recipe of the run cannot be checked; restore it, or "
+                   "resume with allow_recipe_change=true to replace it with this launch's configuration"])
+
+
+@dataclass
+class Verdict:
+    """What a launch does in its run folder."""
+
+    resume: bool
+    content: dict[str, Any]
+    """``run_config.json`` to write once the run starts."""
+    notes: list[tuple[int, str]]
+    """(logging level, message) to log."""
+
+
+def decide(config: RunConfig, run_dir: Path) -> Verdict:
+    """Check this launch against the run folder (reads only).
+
+    Raises:
+        Refused: a fresh launch into a folder holding a run, or a resume that changes the recipe.
+    """
+    job = scheduler_job_id()
+    new = config_tree(config)
+    now = f"{datetime.now():%Y-%m-%d %H:%M:%S}"
+    try:
+        stored = read_run_config(run_dir)
+    except Refused:
+        if config.resume and not config.allow_recipe_change:
+            raise
+        stored = None  # a fresh launch is refused below: the folder holds a run
+    resume, notes = config.resume, []
+    if not resume and stored is not None and job and stored.get("job_id") == job:
+        notes.append((logging.WARNING, f"this is a requeued attempt of job {job}, which started the run in {run_dir}: "
+                                       "resuming it"))
+        resume = True
+    if not resume:
+        evidence = _holds_run(run_dir)
+        if evidence:
+            raise Refused([f"run folder {run_dir} already holds a run ({evidence}); continue it with resume=true, or "
+                           "start this run in another folder (hydra.run.dir=...)"])
+        return Verdict(False, {"config": new, "job_id": job, "history": [{"time": now, "event": "start"}]}, notes)
+    if stored is None:
+        if _holds_run(run_dir):
+            notes.append((logging.WARNING, f"resume: {run_dir} has no {RUN_CONFIG} (written by an older launcher): "
+                                           "the recipe cannot be checked"))
+        return Verdict(True, {"config": new, "job_id": job, "history": [{"time": now, "event": "start"}]}, notes)
+    found = changes(stored["config"], new)
+    refused = [c for c in found if not run_invariant(c.field)]
+    if refused and not config.allow_recipe_change:
+        raise Refused([
+            f"resume: refusing to continue {run_dir} with a different recipe ({len(refused)} field(s) that alter "
+            "the run's mathematics):",
+            *(f"  {c}" for c in refused),
+            "Resume with the run's own settings, start a new run in another folder, or add allow_recipe_change=true "
+            "to continue with these changes anyway (they are logged).",
+        ])
+    found = [c for c in found if c.field != "resume"]  # the switch of this very launch
+    for c in found:
+        if run_invariant(c.field):
+            notes.append((logging.INFO, f"resume: accepted run-invariant change {c}"))
+        else:
+            notes.append((logging.WARNING, f"resume: recipe change forced by allow_recipe_change=true: {c}"))
+    event = {"time": now, "event": "resume", "accepted": [str(c) for c in found if run_invariant(c.field)],
+             "forced": [str(c) for c in refused]}
+    content = {"config": new, "job_id": stored.get("job_id"), "history": [*stored.get("history", []), event]}
+    return Verdict(True, content, notes)
+
+
+def write_run_config(run_dir: Path, content: dict[str, Any]) -> None:
+    """Write ``run_config.json`` atomically."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{RUN_CONFIG}.", suffix=".tmp", dir=run_dir)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(content, f, indent=1)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, run_dir / RUN_CONFIG)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass
+class OpenRun:
+    """A run folder this launch may write: the configuration to run (``resume`` decided) and a record hook."""
+
+    config: RunConfig
+    run_dir: Path
+    is_main: bool
+    _content: dict[str, Any]
+
+    def record(self, step: int) -> None:
+        """Write ``run_config.json`` once the run starts or resumes at ``step`` (main process only)."""
+        if self.is_main:
+            self._content["history"][-1]["step"] = step
+            write_run_config(self.run_dir, self._content)
+
+
+@contextmanager
+def open_run(
+    config: RunConfig,
+    run_dir: str | Path,
+    *,
+    is_main: bool = True,
+    agree: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> Iterator[OpenRun]:
+    """Lock the run folder and check this launch against it; yields the configuration to run.
+
+    Call it once per process of a launch, before any model work; ``is_main`` marks the process that
+    holds the lock and decides, ``agree`` sums a tensor over every process (None for one process),
+    so every process gets the same verdict. Call :meth:`OpenRun.record` with the step the run starts
+    from once a checkpoint is restored.
+
+    Raises:
+        SystemExit: code 2 after one or more lines on stderr when the folder is busy or the launch refused.
+    """
+    run_dir = Path(run_dir)
+    lock = RunLock(run_dir) if is_main else None
+    lines: list[str] = []
+    resume, content = config.resume, {}
+    if lock is not None:
+        try:
+            lock.acquire()
+            verdict = decide(config, run_dir)
+        except (RunFolderBusy, Refused) as err:
+            lines = err.lines if isinstance(err, Refused) else [str(err)]
+            lock.release()
+        else:
+            resume, content = verdict.resume, verdict.content
+            for level, note in verdict.notes:
+                log.log(level, note)
+    if agree is not None:
+        shared = torch.tensor([float(bool(lines)), float(resume)] if is_main else [0.0, 0.0], dtype=torch.float64)
+        refused, resume = (bool(v) for v in agree(shared).tolist())
+    else:
+        refused = bool(lines)
+    if refused:
+        for line in lines:
+            print(line, file=sys.stderr)
+        raise SystemExit(EXIT_REFUSED)
+    try:
+        yield OpenRun(config.model_copy(update={"resume": resume}), run_dir, is_main, content)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def precheck(config: RunConfig, run_dir: str | Path, quiet: bool = False) -> None:
+    """Refuse a launch before Hydra writes into the run folder (its ``.hydra/`` and log): reads only.
+
+    :func:`open_run` decides again, under the lock; this early check keeps a refused launch from
+    touching a live or finished run's folder at all.
+
+    Raises:
+        SystemExit: code 2 after one or more lines on stderr (none when ``quiet``: torchrun's other ranks).
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return
+    try:
+        held = read_owner(run_dir / LOCK_NAME) if (run_dir / LOCK_NAME).exists() else None
+        if held is not None and stale_reason(held, this_process()) is None:
+            raise RunFolderBusy(busy_message(run_dir / LOCK_NAME, held, this_process()))
+        decide(config, run_dir)
+    except (RunFolderBusy, Refused) as err:
+        for line in [] if quiet else err.lines if isinstance(err, Refused) else [str(err)]:
+            print(line, file=sys.stderr)
+        raise SystemExit(EXIT_REFUSED) from None

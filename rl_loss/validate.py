@@ -1,0 +1,333 @@
+"""``rl-loss-validate`` (= ``python -m rl_loss.validate``): check loss configurations in CI and pre-commit.
+
+    rl-loss-validate conf/loss/*.yaml                      # loss group files, each on its own
+    rl-loss-validate conf/loss/drgrpo.yaml loss.divisor=40960   # files, with overrides applied to each
+    rl-loss-validate loss=drgrpo loss.divisor=40960        # a preset and overrides, as on an app's command line
+    rl-loss-validate --schema > loss.schema.json           # the loss group's JSON Schema, for editors
+
+A FILE is a loss group file as a Hydra app keeps it (``conf/loss/NAME.yaml``): a mapping of LossConfig
+fields, with or without a Hydra ``defaults:`` list. The list may name ``base`` (LossConfig's defaults), a
+shipped preset to extend (``grpo``, ``dapo``, ...), a sibling file when the file sits in a folder named
+``loss``, and ``_self_``. A file is composed as ``loss=NAME`` composes in a Hydra app with the rl-loss
+plugin (a file without a defaults list on top of ``base``, so that overrides may set any field), then
+validated; an interpolation to a key outside the loss group (``${rollout...}``) cannot resolve here and
+is reported with the field it sets. An argument that contains ``=`` and is not an existing file is an
+override (Hydra syntax; ``loss.`` may be left out of a key).
+
+Exit status 0 when every configuration is valid (warnings are printed), 2 otherwise, with one line per
+problem on stderr: ``SOURCE: loss.FIELD: what is wrong (got VALUE); fix``, where SOURCE is ``FILE`` or
+``FILE:LINE``, or the override responsible. No input gives a traceback.
+
+This module imports Hydra only inside :func:`main`'s work; ``import rl_loss`` never imports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import re
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from rl_loss.config import LossConfig
+from rl_loss.config_errors import ConfigError, format_validation_error, hydra_error_lines, show
+from rl_loss.loss_files import GROUP, LossFile, field_path, group_options, read_loss_file
+
+EXIT_OK, EXIT_INVALID = 0, 2
+INPUT_NAME = "rl_loss_validate_input"  # the file under validation, as an option of the loss group
+PRIMARY_NAME = "rl_loss_validate"
+PRESETS_SEARCH_PATH = "pkg://rl_loss_conf"
+INTERPOLATION = {"type": "string", "pattern": r"^\$\{.+\}$", "description": "a Hydra/OmegaConf interpolation"}
+
+
+@dataclass
+class Outcome:
+    """The result of validating one input: problem lines, warning lines, or a one-line summary."""
+
+    label: str
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    summary: str = ""
+
+
+# --- inputs -------------------------------------------------------------------------------------------------
+
+
+def split_inputs(items: list[str]) -> tuple[list[str], list[str]]:
+    """(files, overrides): an item with ``=`` that is not an existing path is an override."""
+    files, overrides = [], []
+    for item in items:
+        (overrides if "=" in item and not Path(item).exists() else files).append(item)
+    return files, overrides
+
+
+def loss_override(text: str) -> str:
+    """``divisor=1`` -> ``loss.divisor=1``: keys outside ``loss``/``hydra`` are loss fields here."""
+    body = text.lstrip("+~")
+    key = body.split("=", 1)[0]
+    if not key or key.split(".")[0].split("@")[0] in (GROUP, "hydra"):
+        return text
+    return f"{text[: len(text) - len(body)]}{GROUP}.{body}"
+
+
+def override_key(text: str) -> str:
+    """The dotted key an override sets (``+loss.divisor=1`` -> ``loss.divisor``)."""
+    return text.lstrip("+~").split("=", 1)[0].split("@")[0]
+
+
+# --- composition and validation -------------------------------------------------------------------------------
+
+
+def compose_loss(overrides: list[str], loss_file: LossFile | None) -> Any:
+    """The ``loss`` node composed by Hydra: LossConfig's defaults, the file or preset, then the overrides.
+
+    Raises:
+        Exception: whatever Hydra's compose raises (reported as one line by the caller).
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from hydra_plugins.rl_loss_searchpath import register_loss_base
+
+    register_loss_base()
+    search_path = [PRESETS_SEARCH_PATH]
+    if loss_file is not None and loss_file.path.resolve().parent.name == GROUP:
+        search_path.insert(0, loss_file.path.resolve().parent.parent.as_uri())  # siblings it may extend
+    primary = {"defaults": [{GROUP: "base"}, "_self_"], "hydra": {"searchpath": search_path}}
+    with tempfile.TemporaryDirectory(prefix="rl-loss-validate-") as tmp:
+        # JSON is YAML: no quoting trouble with paths.
+        (Path(tmp) / f"{PRIMARY_NAME}.yaml").write_text(json.dumps(primary))
+        if loss_file is not None:
+            (Path(tmp) / GROUP).mkdir()
+            (Path(tmp) / GROUP / f"{INPUT_NAME}.yaml").write_text(loss_file.text, encoding="utf-8")
+            name = INPUT_NAME
+            if "defaults" not in loss_file.key_lines:  # a plain mapping: on top of LossConfig's defaults
+                name = f"{INPUT_NAME}_on_base"
+                (Path(tmp) / GROUP / f"{name}.yaml").write_text(json.dumps({"defaults": ["base", INPUT_NAME]}))
+            overrides = [f"{GROUP}={name}", *overrides]
+        GlobalHydra.instance().clear()
+        try:
+            with warnings.catch_warnings(), initialize_config_dir(config_dir=tmp, version_base=None):
+                warnings.simplefilter("ignore")  # Hydra's own notices are not about the user's config
+                return compose(PRIMARY_NAME, overrides=overrides)[GROUP]
+        finally:
+            GlobalHydra.instance().clear()
+
+
+def resolve_loss(node: Any) -> dict[str, Any]:
+    """The composed loss node as plain values, interpolations resolved.
+
+    Raises:
+        ConfigError: one line per field whose interpolation does not resolve outside the user's app.
+    """
+    from omegaconf import OmegaConf
+
+    raw = OmegaConf.to_container(node, resolve=False)
+    fields = {f.alias or name for name, f in LossConfig.model_fields.items()}
+    data, problems = {}, []
+    for key in raw:
+        if key not in fields:  # an unknown key is reported as such, whatever its value
+            data[key] = raw[key]
+            continue
+        try:
+            value = node[key]
+            data[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+        except Exception as err:  # OmegaConf's resolution errors have several types
+            problems.append(
+                f"{field_path(str(key))}: cannot resolve {show(raw[key])} outside your app "
+                f"({str(err).splitlines()[0]}); give the value itself or pass {field_path(str(key))}=VALUE"
+            )
+    if problems:
+        raise ConfigError(problems)
+    return data
+
+
+def validate_loss(data: dict[str, Any]) -> tuple[LossConfig, list[str]]:
+    """LossConfig from plain values, and the warnings it raised.
+
+    Raises:
+        ConfigError: one line per problem, fields named ``loss.FIELD``.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            config = LossConfig.model_validate(data)
+        except ValidationError as err:
+            raise ConfigError(format_validation_error(err, LossConfig, prefix=GROUP)) from None
+    return config, [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+
+
+def check(overrides: list[str], loss_file: LossFile | None, label: str) -> Outcome:
+    """Compose, resolve and validate one input; every problem becomes a line naming its source."""
+    given = {override_key(loss_override(o)): o for o in overrides if override_key(o) != GROUP}
+    preset = next((o for o in overrides if override_key(o) == GROUP), None)
+
+    def source(problem: str) -> str:
+        key = problem.split(": ", 1)[0]
+        for k in sorted(given, key=len, reverse=True):  # the most specific override that sets the field
+            if k == key or key.startswith(k + "."):
+                return given[k]
+        if loss_file is not None:
+            name = key.removeprefix(f"{GROUP}.").split(".")[0]
+            line = loss_file.key_lines.get(name)
+            return f"{loss_file.path}:{line}" if line else str(loss_file.path)
+        return preset or "(defaults)"
+
+    outcome = Outcome(label)
+    outcome.problems = unparsable_overrides(overrides)
+    if outcome.problems:
+        return outcome
+    try:
+        node = compose_loss([loss_override(o) for o in overrides], loss_file)
+    except Exception as err:  # Hydra raises several exception types; each becomes one line
+        outcome.problems = composition_problems(err, overrides, loss_file, label)
+        return outcome
+    try:
+        config, outcome.warnings = validate_loss(resolve_loss(node))
+    except ConfigError as err:
+        located = [(source(p), p) for p in err.problems]
+        if loss_file is not None:  # in the order of the file's lines
+            located.sort(key=lambda sp: _line_number(sp[0], loss_file))
+        outcome.problems = [f"{where}: {p}" for where, p in located]
+        return outcome
+    divisor = f", divisor={config.divisor:g}" if config.divisor is not None else ""
+    outcome.summary = f"aggregation={config.aggregation}{divisor}"
+    return outcome
+
+
+def _line_number(source: str, loss_file: LossFile) -> int:
+    head, _, line = source.rpartition(":")
+    return int(line) if head == str(loss_file.path) and line.isdigit() else 0
+
+
+def unparsable_overrides(overrides: list[str]) -> list[str]:
+    """One line per override that is not Hydra override syntax."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser, problems = OverridesParser.create(), []
+    for override in overrides:
+        try:
+            parser.parse_overrides([loss_override(override)])
+        except Exception as err:  # Hydra's OverrideParseException, or anything its grammar raises
+            problems.append(
+                f"{override}: not a valid override ({str(err).splitlines()[0]}); write loss.KEY=VALUE, "
+                "e.g. loss.kl_coef=0.01"
+            )
+    return problems
+
+
+def composition_problems(err: Exception, overrides: list[str], loss_file: LossFile | None, label: str) -> list[str]:
+    """One line for a Hydra composition error, naming the override or the file's defaults list."""
+    missing = re.search(rf"Could not load '{GROUP}/([^']+)'", str(err))
+    if loss_file is not None and missing:
+        # a defaults entry of the file names no option of the loss group
+        line = loss_file.key_lines.get("defaults")
+        options = group_options(loss_file)
+        close = difflib.get_close_matches(missing.group(1), options, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        return [
+            f"{loss_file.path}{f':{line}' if line else ''}: defaults: no loss preset {missing.group(1)!r}{hint} "
+            f"(available: base, {', '.join(options)}); name one of them"
+        ]
+    blamed = next((o for o in overrides if f"'{override_key(loss_override(o))}'" in str(err)), None)
+    hidden = ("base", INPUT_NAME, f"{INPUT_NAME}_on_base")
+    lines = hydra_error_lines(err, blamed, LossConfig, GROUP, hidden_options=hidden)
+    where = "" if loss_file is None else f"{loss_file.path}: "
+    temporary_names = re.compile(rf"{GROUP}/{INPUT_NAME}\w*|{INPUT_NAME}\w*\.yaml")
+    return [temporary_names.sub(lambda _: label, where + line) for line in lines]
+
+
+def check_file(path: str, overrides: list[str]) -> Outcome:
+    """Validate one loss group file (with the overrides applied on top)."""
+    try:
+        loss_file = read_loss_file(Path(path))
+    except ConfigError as err:
+        return Outcome(path, problems=err.problems)
+    return check(overrides, loss_file, path)
+
+
+# --- the JSON Schema -------------------------------------------------------------------------------------------
+
+
+def loss_group_schema() -> dict[str, Any]:
+    """JSON Schema of a loss group file: LossConfig's fields, Hydra's ``defaults`` list, interpolations allowed."""
+    schema = LossConfig.model_json_schema(by_alias=True)
+    properties = {}
+    for name, prop in schema["properties"].items():
+        meta = {k: prop[k] for k in ("title", "description", "default") if k in prop}
+        rule = {k: v for k, v in prop.items() if k not in meta}
+        properties[name] = {**meta, "anyOf": [rule, INTERPOLATION]}
+    properties["defaults"] = {
+        "title": "Defaults",
+        "description": "Hydra's defaults list: base (LossConfig's defaults), a preset to extend, _self_.",
+        "type": "array",
+        "items": {"anyOf": [{"type": "string"}, {"type": "object"}]},
+    }
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        **{k: v for k, v in schema.items() if k != "properties"},
+        "title": "rl-loss loss group (conf/loss/*.yaml)",
+        "properties": properties,
+    }
+
+
+# --- the command ---------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rl-loss-validate",
+        description="Validate rl-loss loss configurations: YAML loss group files or loss=PRESET overrides. "
+        "Exit 0 when valid, 2 with one line per problem.",
+        epilog="examples:\n  rl-loss-validate conf/loss/*.yaml\n  rl-loss-validate loss=drgrpo loss.divisor=40960\n"
+        "  rl-loss-validate --schema > loss.schema.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("inputs", nargs="*", metavar="FILE|OVERRIDE",
+                        help="loss group YAML files, and/or overrides such as loss=grpo loss.kl_coef=0.01")
+    parser.add_argument("--schema", action="store_true", help="print the loss group's JSON Schema and exit")
+    return parser
+
+
+def run(inputs: list[str]) -> list[Outcome]:
+    """Validate files (each with the overrides) or, without files, the overrides alone."""
+    files, overrides = split_inputs(inputs)
+    if not files:
+        return [check(overrides, None, " ".join(overrides))]
+    presets = [o for o in overrides if override_key(o) == GROUP]
+    if presets:
+        return [Outcome(p, problems=[f"{p}: a preset cannot be combined with files (each file is the loss group); "
+                                     "drop it or validate it without files"]) for p in presets]
+    return [check_file(path, overrides) for path in files]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``rl-loss-validate``; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    if args.schema:
+        print(json.dumps(loss_group_schema(), indent=2, sort_keys=True))
+        return EXIT_OK
+    if not args.inputs:
+        print("rl-loss-validate: nothing to validate; give loss group YAML files or overrides such as "
+              "loss=grpo (see --help)", file=sys.stderr)
+        return EXIT_INVALID
+    outcomes = run(args.inputs)
+    for outcome in outcomes:
+        for line in outcome.problems:
+            print(line, file=sys.stderr)
+        for line in outcome.warnings:
+            print(f"{outcome.label}: warning: {line}", file=sys.stderr)
+        if not outcome.problems:
+            print(f"{outcome.label}: ok ({outcome.summary})")
+    return EXIT_INVALID if any(o.problems for o in outcomes) else EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
