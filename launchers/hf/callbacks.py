@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import TrainerCallback
 
-from launchers.checkpoints import prune_checksums, write_checksum
+from launchers.checkpoints import Agree, prune_checksums, write_checksum
 from launchers.preemption import StopRequest
 from launchers.run_io import MetricsWriter, Progress
 
@@ -127,9 +126,6 @@ class SaveAtEndCallback(TrainerCallback):
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.global_step >= state.max_steps:
             control.should_save = True
-
-
-Agree = Callable[[torch.Tensor], torch.Tensor]
 
 
 def all_processes_sum(device: Any) -> Agree | None:
