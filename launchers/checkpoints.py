@@ -10,12 +10,17 @@ resume skips. Resume takes the newest checkpoint that verifies, loads and restor
 one it skips and why; if none is usable it says so in one line and exits 2.
 
 The helpers take files or folders (a folder's checksum file lists every file in it), so a backend
-with its own checkpoint layout (a Hugging Face ``checkpoint-N/`` folder) verifies the same way.
+with its own checkpoint layout verifies the same way: a :class:`CheckpointLayout` says where a
+backend's checkpoints lie and how one loads. :data:`TORCH_FILES` is the toy backend's
+``checkpoints/step_N.pt``; :data:`TRAINER_FOLDERS` the Hugging Face Trainer's ``checkpoints/checkpoint-N/``
+(``backend=trl``), whose checksum the launcher writes after the Trainer saves the folder, and which
+the Trainer itself loads (with ``weights_only=True`` too) once resume has picked it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import pickle
@@ -23,6 +28,7 @@ import re
 import sys
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +41,8 @@ log = logging.getLogger("launchers.train")
 CHECKSUM_SUFFIX = ".sha256"
 EXIT_NOTHING_USABLE = 2
 _STEP_RE = re.compile(r"^step_(\d+)\.pt$")
+_FOLDER_RE = re.compile(r"^checkpoint-(\d+)$")
+TRAINER_STATE = "trainer_state.json"
 
 Agree = Callable[[torch.Tensor], torch.Tensor]
 """Sum a tensor over every process (an all-reduce); None for a single process."""
@@ -144,6 +152,66 @@ def checkpoint_files(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
+def checkpoint_folders(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every Hugging Face Trainer folder ``checkpoints/checkpoint-N/`` in ``run_dir``, newest first."""
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    found = [(int(m.group(1)), p) for p in folder.glob("checkpoint-*") if p.is_dir() and (m := _FOLDER_RE.match(p.name))]
+    return sorted(found, reverse=True)
+
+
+def load_checkpoint_folder(path: Path, map_location: Any = None, *, verify: bool = True) -> Path:
+    """Verify a Trainer checkpoint folder and check that its ``trainer_state.json`` is at the folder's step.
+
+    Returns the folder: the Trainer loads it (``trainer.train(resume_from_checkpoint=...)``).
+
+    Raises:
+        UnusableCheckpoint: a one-line reason (no checksum, mismatch, no readable trainer state, another step).
+    """
+    if verify and (problem := verify_checksum(path)):
+        raise UnusableCheckpoint(problem)
+    try:
+        step = json.loads((path / TRAINER_STATE).read_text())["global_step"]
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise UnusableCheckpoint(f"no readable {TRAINER_STATE} with a global_step") from None
+    expected = int(_FOLDER_RE.match(path.name).group(1))
+    if step != expected:
+        raise UnusableCheckpoint(f"its {TRAINER_STATE} is at step {step}, not {expected}")
+    return path
+
+
+def prune_checksums(run_dir: Path) -> None:
+    """Delete the checksum files whose checkpoint is gone (the Trainer rotates its folders itself) and stray
+    temporary ones (a process killed mid-write)."""
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    for stale in folder.glob(f"*{CHECKSUM_SUFFIX}"):
+        if not stale.with_name(stale.name.removesuffix(CHECKSUM_SUFFIX)).exists():
+            stale.unlink(missing_ok=True)
+    for tmp in folder.glob(f".*{CHECKSUM_SUFFIX}.*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class CheckpointLayout:
+    """Where a backend's checkpoints lie in a run folder, and how one is verified and loaded."""
+
+    find: Callable[[Path], list[tuple[int, Path]]]
+    """run folder -> (step, path) of each checkpoint, newest first."""
+    load: Callable[..., Any]
+    """``load(path, map_location, verify=...)`` -> what ``restore`` gets; raises UnusableCheckpoint."""
+
+
+TORCH_FILES = CheckpointLayout(checkpoint_files, load_checkpoint)
+"""The toy backend's ``checkpoints/step_N.pt``: restore gets the loaded state dict."""
+
+TRAINER_FOLDERS = CheckpointLayout(checkpoint_folders, load_checkpoint_folder)
+"""The Hugging Face Trainer's ``checkpoints/checkpoint-N/`` (backend=trl): restore gets the verified folder."""
+
+
+def has_checkpoints(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a checkpoint of any layout."""
+    return any(layout.find(run_dir) for layout in (TORCH_FILES, TRAINER_FOLDERS))
+
+
 def prune_checkpoints(run_dir: Path, keep: int) -> None:
     """Delete all but the ``keep`` newest checkpoints (with their checksum files) and stray temporary files."""
     folder = Path(run_dir) / CHECKPOINT_DIR
@@ -156,15 +224,16 @@ def prune_checkpoints(run_dir: Path, keep: int) -> None:
 
 def resume_newest(
     run_dir: Path,
-    restore: Callable[[dict[str, Any]], None],
+    restore: Callable[[Any], None],
     map_location: Any = "cpu",
     *,
     is_main: bool = True,
     agree: Agree | None = None,
+    layout: CheckpointLayout = TORCH_FILES,
 ) -> int | None:
     """Restore the newest usable checkpoint of ``run_dir``; returns its step, None when there is none.
 
-    The main process tries the checkpoints newest first: verify, load, ``restore(state)``; each one
+    The main process tries the checkpoints of ``layout`` newest first: verify, load, ``restore(state)``; each one
     skipped is named in a warning with its reason. The chosen step is shared with the other processes
     (``agree``), which load the same file. ``restore`` raising KeyError, ValueError, TypeError or
     RuntimeError (a state that does not fit the model) also skips the checkpoint.
@@ -172,12 +241,12 @@ def resume_newest(
     Raises:
         SystemExit: code 2 with one line when checkpoints exist but none is usable.
     """
-    files = checkpoint_files(run_dir)
+    files = layout.find(run_dir)
     chosen, lines = -1, []
     if is_main:
         for step, path in files:
             try:
-                _restore_from(path, restore, map_location, verify=True)
+                _restore_from(path, restore, map_location, layout.load, verify=True)
             except UnusableCheckpoint as err:
                 log.warning("resume: skipping checkpoint %s: %s", path, err)
                 continue
@@ -198,7 +267,7 @@ def resume_newest(
     if not is_main:
         path = dict((s, p) for s, p in files)[chosen]
         try:
-            _restore_from(path, restore, map_location, verify=False)
+            _restore_from(path, restore, map_location, layout.load, verify=False)
         except UnusableCheckpoint as err:
             print(f"resume: checkpoint {path} (usable on rank 0) failed here: {err}", file=sys.stderr)
             raise SystemExit(EXIT_NOTHING_USABLE) from None
@@ -207,8 +276,9 @@ def resume_newest(
     return chosen
 
 
-def _restore_from(path: Path, restore: Callable[[dict[str, Any]], None], map_location: Any, verify: bool) -> None:
-    state = load_checkpoint(path, map_location, verify=verify)
+def _restore_from(path: Path, restore: Callable[[Any], None], map_location: Any, load: Callable[..., Any],
+                  verify: bool) -> None:
+    state = load(path, map_location, verify=verify)
     try:
         restore(state)
     except (KeyError, ValueError, TypeError, RuntimeError) as err:

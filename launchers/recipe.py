@@ -27,6 +27,11 @@ RUN_INVARIANT = frozenset({
     "trainer.micro_batch_size",
     # Intra-op threads change the order of float additions only, like the layout.
     "torch_threads",
+    # backend=trl: recomputing activations in the backward pass gives the same activations, and
+    # another attention kernel computes the same attention (float rounding aside): the memory/speed
+    # knobs of a resumed run on other hardware. The rest of backend.* and model.* is guarded.
+    "backend.gradient_checkpointing",
+    "model.attn_implementation",
     # Switches of the launch itself: dry_run never reaches a run folder; resume differs by design.
     "dry_run",
     "resume",

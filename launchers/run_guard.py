@@ -30,9 +30,9 @@ from typing import Any
 
 import torch
 
+from launchers.checkpoints import has_checkpoints
 from launchers.config import RunConfig
 from launchers.recipe import changes, config_tree, run_invariant
-from launchers.run_io import CHECKPOINT_DIR
 from launchers.run_lock import (
     LOCK_NAME,
     RunFolderBusy,
@@ -61,7 +61,7 @@ def _holds_run(run_dir: Path) -> str | None:
     """What shows that ``run_dir`` already holds a run, or None."""
     if (run_dir / RUN_CONFIG).exists():
         return RUN_CONFIG
-    if any((run_dir / CHECKPOINT_DIR).glob("step_*.pt")):
+    if has_checkpoints(run_dir):
         return "checkpoints"
     metrics = run_dir / "metrics.jsonl"
     if metrics.exists() and metrics.stat().st_size:

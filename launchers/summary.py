@@ -29,11 +29,18 @@ _RESUME_SETS = ("resume", "hydra.run.dir")
 
 
 def launcher_command(world_size: int = 1, local_world_size: int | None = None) -> str:
-    """How the run was started: ``python -m launchers.train``, or torchrun with the same process count."""
+    """How the run was started: ``python -m launchers.train``, or torchrun / accelerate launch with the same process count.
+
+    ``accelerate launch --multi_gpu`` (backend=trl) starts its processes through torchrun and marks
+    them with ``ACCELERATE_*`` variables (``ACCELERATE_MIXED_PRECISION`` in every mode); its command is given then.
+    """
     if world_size <= 1:
         return TRAIN
     local = local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     nodes = world_size // max(local, 1)
+    if "ACCELERATE_MIXED_PRECISION" in os.environ:
+        spread = f"--num_machines {nodes} <your machine-rank and main-process flags> " if nodes > 1 else ""
+        return f"accelerate launch --multi_gpu {spread}--num_processes {world_size} -m launchers.train"
     if nodes > 1:
         return f"torchrun --nnodes {nodes} --nproc-per-node {local} <your rendezvous flags> -m launchers.train"
     return f"torchrun --nproc-per-node {world_size} -m launchers.train"

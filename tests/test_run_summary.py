@@ -93,8 +93,19 @@ def test_resume_command_drops_the_overrides_it_sets_itself(tmp_path):
 
 def test_torchrun_runs_are_resumed_with_torchrun(monkeypatch):
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     assert launcher_command(4) == "torchrun --nproc-per-node 4 -m launchers.train"
     assert launcher_command(16, local_world_size=8).startswith("torchrun --nnodes 2 --nproc-per-node 8 ")
+    assert launcher_command(1) == "python -m launchers.train"
+
+
+def test_accelerate_runs_are_resumed_with_accelerate_launch(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # accelerate launch exports it to every process
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert launcher_command(4) == "accelerate launch --multi_gpu --num_processes 4 -m launchers.train"
+    assert launcher_command(16, local_world_size=8) == (
+        "accelerate launch --multi_gpu --num_machines 2 <your machine-rank and main-process flags> "
+        "--num_processes 16 -m launchers.train")
     assert launcher_command(1) == "python -m launchers.train"
 
 

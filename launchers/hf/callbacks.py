@@ -1,21 +1,26 @@
-"""Trainer callbacks of ``backend=trl``: the run folder's metrics, the final checkpoint and Ctrl-C.
+"""Trainer callbacks of ``backend=trl``: the run folder's metrics, verified checkpoints and stop requests.
 
 TRL logs one dict per optimizer step (``logging_steps=1``) through the Hugging Face Trainer's
 ``on_log`` event; :class:`MetricsCallback` turns it into the launcher's ``metrics.jsonl`` record (the
 SPEC §9 names, :data:`TRL_METRIC_NAMES`) and mirrors it to TensorBoard with the toy backend's
-:class:`~launchers.run_io.MetricsWriter`. Only the main process writes.
+:class:`~launchers.run_io.MetricsWriter`. Only the main process writes. :class:`ChecksumCallback`
+writes the checksum of each checkpoint folder once the Trainer has saved it, :class:`StopCallback`
+turns the launcher's :class:`~launchers.preemption.StopRequest` (Ctrl-C, SIGTERM, SIGUSR1) into a
+checkpoint and the end of training, on every process after the same step.
 """
 
 from __future__ import annotations
 
 import logging
-import signal
 import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import TrainerCallback
 
+from launchers.checkpoints import Agree, prune_checksums, write_checksum
+from launchers.preemption import StopRequest
 from launchers.run_io import MetricsWriter, Progress
 
 log = logging.getLogger("launchers.train")
@@ -46,7 +51,8 @@ class MetricsCallback(TrainerCallback):
         aggregation: the loss's aggregation mode (a string: TRL's metrics are numbers only).
         samples_per_step: trainer.global_batch_size (N of a step).
         steps_per_rollout: optimizer steps per rollout (``rollout`` index of a record).
-        resume_after_step: the checkpoint's step when resuming (records after it are dropped and rewritten).
+        resume_after_step: the step a resumed run continues from (records after it are dropped and
+            rewritten); None for a new run.
         progress: the ``progress`` setting.
         max_steps: steps of the run (progress display).
     """
@@ -65,7 +71,8 @@ class MetricsCallback(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.is_world_process_zero:
             self.writer = MetricsWriter(self.run_dir, self.resume_after_step)
-            self.progress = Progress(self.max_steps, self.resume_after_step or 0, self.progress_mode)
+            self.progress = Progress(self.max_steps, self.resume_after_step or 0, self.progress_mode,
+                                     show_kl=self.steps_per_rollout > 1)
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._step_started = time.perf_counter()
@@ -101,8 +108,13 @@ class MetricsCallback(TrainerCallback):
         }
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the progress display and the metrics files (also after an aborted training)."""
         if self.progress is not None:
             self.progress.close()
+            self.progress = None
         if self.writer is not None:
             self.writer.close()
             self.writer = None
@@ -116,51 +128,74 @@ class SaveAtEndCallback(TrainerCallback):
             control.should_save = True
 
 
-class StopOnSignal(TrainerCallback):
-    """The first signal (Ctrl-C by default) finishes the current step, writes a checkpoint and stops training.
+def all_processes_sum(device: Any) -> Agree | None:
+    """Sum a CPU tensor over every process of the launch (None for a single process), on ``device``
+    for the collective (NCCL reduces CUDA tensors only)."""
+    import torch.distributed as dist
 
-    A second one stops at once. After ``trainer.train()`` returns, ``requested`` tells whether a
-    signal ended the run (the launcher then exits 130 with the resume command).
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+
+    def agree(tensor: torch.Tensor) -> torch.Tensor:
+        summed = tensor.to(device)
+        dist.all_reduce(summed)
+        return summed.cpu()
+
+    return agree
+
+
+class ChecksumCallback(TrainerCallback):
+    """``checkpoint-N.sha256`` beside each checkpoint folder, once every process has written its files into it.
+
+    The Trainer saves the folder in place (every process writes its own RNG state file) and then
+    calls ``on_save``: after a barrier the saving process checksums the complete folder. A folder
+    without its checksum (a crash while saving) is skipped on resume. Checksums of folders the
+    Trainer has rotated away are deleted.
     """
 
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGINT,)):
-        self.signals = signals
-        self.requested = False
-        self._previous: dict[int, Any] = {}
-
-    def install(self) -> None:
-        """Take over the signals (restore with :meth:`restore`)."""
-        for sig in self.signals:
-            self._previous[sig] = signal.getsignal(sig)
-            signal.signal(sig, self._handle)
-
-    def restore(self) -> None:
-        """Give the signals back to their previous handlers."""
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            self.restore()
-            raise KeyboardInterrupt
-        self.requested = True
-        log.warning("%s: finishing this step, writing a checkpoint, then stopping (again to abort)",
-                    signal.Signals(signum).name)
-
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self._anywhere(args):
-            self.requested = True
-            control.should_save = True
-            control.should_training_stop = True
-
-    def _anywhere(self, args: Any) -> bool:
-        """Whether any process got the signal: every rank must stop after the same step."""
-        import torch
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         import torch.distributed as dist
 
-        if not (dist.is_available() and dist.is_initialized()):
-            return self.requested
-        flag = torch.tensor([float(self.requested)], device=args.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+        if args.should_save:
+            write_checksum(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+            prune_checksums(Path(args.output_dir).parent)
+
+
+class StopCallback(TrainerCallback):
+    """A stop request (:class:`~launchers.preemption.StopRequest`) ends training after a step, with a checkpoint.
+
+    Every process shares its request at the end of each optimizer step (one all-reduce), so all stop
+    after the same step even when only one got the signal. A checkpoint must fall between rollouts
+    (TRL keeps a rollout's unused micro-batches in memory only), so a request that arrives inside a
+    rollout of several optimizer steps is honoured at the end of that rollout. A request at the last
+    step lets the run finish. After ``trainer.train()`` returns, ``stopped`` tells whether it ended that way.
+
+    Args:
+        stop: the installed stop request.
+        steps_per_rollout: optimizer steps per rollout.
+        agree: sums a tensor over every process; None for a single process.
+    """
+
+    def __init__(self, stop: StopRequest, steps_per_rollout: int, agree: Agree | None):
+        self.stop, self.steps_per_rollout, self.agree = stop, steps_per_rollout, agree
+        self.stopped = False
+        self._announced = False
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        flags = self.stop.as_tensor()
+        if not self.stop.adopt(self.agree(flags) if self.agree is not None else flags):
+            return
+        if state.global_step >= state.max_steps:
+            return  # the run ends here anyway
+        if state.global_step % self.steps_per_rollout:
+            if not self._announced and state.is_world_process_zero:
+                end = (state.global_step // self.steps_per_rollout + 1) * self.steps_per_rollout
+                log.warning("stopping at the end of this rollout, after step %d: a TRL checkpoint must fall between "
+                            "rollouts", end)
+            self._announced = True
+            return
+        self.stopped = True
+        control.should_save = True
+        control.should_training_stop = True

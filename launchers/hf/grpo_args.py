@@ -85,7 +85,9 @@ HONOURED_OUTSIDE_GRPO_CONFIG: dict[str, str] = {
     "task": "the prompt dataset and the reward (launchers.hf.task)",
     "model": "the model loader the model section names (launchers.hf.models)",
     "dry_run": "the launcher's preflight",
-    "resume": "trainer.train(resume_from_checkpoint=the latest checkpoint)",
+    "resume": "launchers.checkpoints.resume_newest: the newest checkpoint folder that verifies, then "
+              "trainer.train(resume_from_checkpoint=it)",
+    "allow_recipe_change": "launchers.run_guard.open_run, the recipe guard on resume",
     "progress": "launchers.run_io.Progress, driven by the metrics callback",
     "torch_threads": "torch.set_num_threads",
 }
