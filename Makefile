@@ -36,6 +36,7 @@ BENCH_ENV := MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=1073741824
 
 bench: $(STAMP)
 	$(BENCH_ENV) $(PY) -m benchmarks.reducers $(ARGS) 2>&1 | grep -v '^USDT:'  # torch.profiler's trace lines
+	$(BENCH_ENV) $(PY) -m benchmarks.surrogates $(SURROGATE_ARGS)
 	$(BENCH_ENV) $(PY) -m benchmarks.train_step
 	$(BENCH_ENV) $(PY) -m benchmarks.trl_step
 

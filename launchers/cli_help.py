@@ -17,13 +17,13 @@ usage: python -m launchers.train [-m] [GROUP=OPTION ...] [KEY=VALUE ...]
 
 Trains a policy with GRPO-family RL on the embedded digit-sum task, with the embedded toy trainer
 (backend=toy, default) or Hugging Face TRL (backend=trl model=hf_tiny|hf); every setting below can be
-overridden as KEY=VALUE. -m runs a sweep (e.g. -m loss=grpo,dapo,drgrpo,scalerl); every job is
+overridden as KEY=VALUE. -m runs a sweep (e.g. -m loss=grpo,dapo,drgrpo,scalerl,gspo,cispo,sapo); every job is
 validated before the first starts. dry_run=true validates and exits. Hydra's own help: --hydra-help.
 
 examples:
   python -m launchers.train loss=drgrpo loss.divisor=40960
   python -m launchers.train backend=trl model=hf_tiny loss=scalerl
-  python -m launchers.train -m loss=grpo,dapo,drgrpo,scalerl hydra/launcher=joblib
+  python -m launchers.train -m loss=grpo,dapo,drgrpo,scalerl,gspo,cispo,sapo hydra/launcher=joblib
   python -m launchers.report multirun/DATE/TIME
 """
 

@@ -10,7 +10,10 @@ Collectives a training step issues (and why; none inside the loss reducers):
    gradients back to their owners;
 2. per optimizer step, one all-reduce (sum) of the gradients over the DP x CP world: every rank's
    loss is a partial of the step objective, so the sum of their gradients is the step's gradient;
-3. per optimizer step, one all-reduce (sum) of a small vector of metric partials and the stop-signal flags.
+3. per optimizer step, one all-reduce (sum) of a small vector of metric partials and the stop-signal flags;
+4. with ``loss.ratio_level=sequence`` (GSPO), per micro-batch one autograd-aware all-reduce (sum) over the
+   CP group of each sample's partial log-ratio sum (:meth:`ParallelContext.cp_all_reduce`); its backward
+   is the same all-reduce of the gradients.
 Rollouts, rewards and advantages need no collective: every rank samples the same rollout from the
 same seed and identical weights (the all-reduce leaves every replica bit-identical).
 """
@@ -50,11 +53,38 @@ class ParallelContext:
         """True when there is more than one process."""
         return self.world_size > 1
 
+    def cp_all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` over this rank's CP group, out of place and differentiable (identity without CP).
+
+        The backward pass all-reduces the gradients the same way, so a value every CP rank uses (GSPO's
+        sequence ratio) sends its gradient back to every rank's share of it.
+        """
+        if self.cp_size == 1:
+            return tensor
+        return _AllReduceSum.apply(tensor, self.cp_group)
+
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum ``tensor`` over every process, in place (no-op for a single process)."""
         if self.distributed:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.world_group)
         return tensor
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """y = sum over the group of x; the gradient of every rank's x is the group's sum of dL/dy."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor, group: Any) -> torch.Tensor:
+        ctx.group = group
+        out = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        out = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=ctx.group)
+        return out, None
 
 
 def backend_for(requested: str, device: torch.device) -> str:

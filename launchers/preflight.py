@@ -159,7 +159,7 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
 
 
 def summary(job: Job) -> str:
-    """One line: backend and model, mode, divisor, steps per rollout and micro-batches per step (and the backend's layout)."""
+    """One line: backend and model, mode, divisor, surrogate, ratio level, advantages, steps per rollout and micro-batches per step (and the backend's layout)."""
     cfg = job.config
     world = world_size_from_env()
     dp_size = max(world // cfg.parallel.cp_size, 1)
@@ -168,7 +168,8 @@ def summary(job: Job) -> str:
     mode = f"custom({cfg.loss.custom_pg_reducer})" if cfg.loss.custom_pg_reducer else cfg.loss.aggregation
     return (
         f"backend={cfg.backend.kind} model={cfg.model.kind} "
-        f"aggregation={mode} divisor={divisor} advantages={cfg.loss.advantage_estimator} "
+        f"aggregation={mode} divisor={divisor} surrogate={cfg.loss.surrogate} ratio={cfg.loss.ratio_level} "
+        f"advantages={cfg.loss.advantage_estimator} "
         f"steps_per_rollout={cfg.steps_per_rollout} micro_batches_per_step={micro} (per DP rank, "
         f"{cfg.backend.layout_summary(cfg, world)}) max_steps={cfg.trainer.max_steps}"
     )

@@ -186,7 +186,7 @@ class Trainer:
             index = pg_reducer.token_index
             loss, metrics = policy_loss(
                 logprobs.double(), self._local(old, index), self._local(advantages, index), pg_reducer, metric_reducer,
-                cfg.loss, ref_logprobs=self._local(ref, index), entropy=entropy.double(),
+                cfg.loss, ref_logprobs=self._local(ref, index), entropy=entropy.double(), cp_all_reduce=ctx.cp_all_reduce,
             )
             loss.backward()
             partials += torch.stack([metrics[k].cpu() if k in metrics else torch.zeros((), dtype=torch.float64)

@@ -8,11 +8,12 @@ from pydantic import ValidationError
 
 from rl_loss.advantages import group_advantages
 from rl_loss.aggregation import EmptyStepWarning, ReducerFactory, StepWeights, TokenReducer, build_step_weights
-from rl_loss.config import AGGREGATIONS, DivisorBelowMaxLength, LossConfig, RelabelNotice
+from rl_loss.config import AGGREGATIONS, SURROGATES, DivisorBelowMaxLength, LossConfig, RelabelNotice
 from rl_loss.config_errors import ConfigError, format_validation_error
 from rl_loss.layout import local_response_ranges
-from rl_loss.policy_loss import clipped_pg_loss, kl_penalty, policy_loss, truncated_importance_weights
+from rl_loss.policy_loss import kl_penalty, policy_loss, truncated_importance_weights
 from rl_loss.step import StepBatch
+from rl_loss.surrogates import cispo_pg_loss, clipped_pg_loss, sapo_pg_loss, sequence_importance_ratio
 
 __version__ = "0.1.0"
 
@@ -41,15 +42,19 @@ __all__ = [
     "LossConfig",
     "ReducerFactory",
     "RelabelNotice",
+    "SURROGATES",
     "StepBatch",
     "StepWeights",
     "TokenReducer",
     "build_reducer_factory",
     "build_step_weights",
+    "cispo_pg_loss",
     "clipped_pg_loss",
     "group_advantages",
     "kl_penalty",
     "local_response_ranges",
     "policy_loss",
+    "sapo_pg_loss",
+    "sequence_importance_ratio",
     "truncated_importance_weights",
 ]

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-ADVANTAGE_ESTIMATORS: tuple[str, ...] = ("grpo", "drgrpo")
+ADVANTAGE_ESTIMATORS: tuple[str, ...] = ("grpo", "drgrpo", "grpo_batch_std")
 
 
 def group_advantages(
@@ -22,12 +22,15 @@ def group_advantages(
     grpo (DeepSeekMath):  A_i = (r_i - mean_g) / (std_g + eps), std_g the unbiased group std
     (0 for a group of one sample).
     drgrpo (Dr.GRPO):     A_i = r_i - mean_g (no std division: it up-weights near-solved prompts).
+    grpo_batch_std (ScaleRL, arXiv:2510.13786): A_i = (r_i - mean_g(i)) / (std_B + eps), std_B the
+    unbiased std of the centred rewards c_j = r_j - mean_g(j) over all N samples passed:
+    std_B = sqrt(sum_j c_j^2 / (N - 1)) (their mean is 0; 0 for N = 1). Pass the whole rollout batch.
 
     Args:
         rewards: 1-D float tensor, one reward per sample of the rollout.
         group_index: prompt group of each sample.
-        estimator: ``"grpo"`` or ``"drgrpo"``.
-        eps: added to the group std (grpo only).
+        estimator: ``"grpo"``, ``"drgrpo"`` or ``"grpo_batch_std"``.
+        eps: added to the std (grpo and grpo_batch_std).
 
     Returns:
         1-D tensor of advantages, same dtype as ``rewards``.
@@ -49,6 +52,9 @@ def group_advantages(
     centred = r - mean[dense]
     if estimator == "drgrpo":
         return centred.to(rewards.dtype)
+    if estimator == "grpo_batch_std":
+        batch_std = ((centred * centred).sum() / max(r.numel() - 1, 1)).sqrt()
+        return (centred / (batch_std + eps)).to(rewards.dtype)
     sq = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, dense, centred * centred)
     std = (sq / (count - 1).clamp_min(1)).sqrt()
     return (centred / (std[dense] + eps)).to(rewards.dtype)

@@ -20,7 +20,17 @@ from typing_extensions import Self
 Aggregation = Literal["sample_mean", "prompt_mean", "token_mean", "constant", "trajectory_mean"]
 AGGREGATIONS: tuple[str, ...] = ("sample_mean", "prompt_mean", "token_mean", "constant", "trajectory_mean")
 KlEstimator = Literal["k1", "k2", "k3"]
-AdvantageEstimator = Literal["grpo", "drgrpo"]
+AdvantageEstimator = Literal["grpo", "drgrpo", "grpo_batch_std"]
+Surrogate = Literal["ppo_clip", "cispo", "sapo"]
+SURROGATES: tuple[str, ...] = ("ppo_clip", "cispo", "sapo")
+RatioLevel = Literal["token", "sequence"]
+
+DEFAULT_EPS_CLIP = 0.2
+"""Clip range used when eps_clip is unset (PPO's usual 0.2)."""
+DEFAULT_SAPO_TAU_POS = 1.0
+"""SAPO's temperature for positive advantages when sapo_tau_pos is unset (arXiv:2511.20347)."""
+DEFAULT_SAPO_TAU_NEG = 1.05
+"""SAPO's temperature for non-positive advantages when sapo_tau_neg is unset (arXiv:2511.20347)."""
 
 FACTORY_TARGET = "rl_loss.build_reducer_factory"
 
@@ -56,7 +66,7 @@ def _finite_positive(value: float | None) -> bool:
 
 
 class LossConfig(BaseModel):
-    """How the policy loss of a step is computed and aggregated (SPEC §2, §5, §6)."""
+    """How the policy loss of a step is computed and aggregated (SPEC §2, §5, §5b, §6)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True, populate_by_name=True)
 
@@ -72,14 +82,26 @@ class LossConfig(BaseModel):
     calculate_per_token_loss: bool = False
     """Megatron's flag: a legacy spelling of aggregation=token_mean (set by it; sample_mean + flag is relabelled)."""
 
-    eps_clip: float = Field(0.2, gt=0, lt=1)
-    """PPO clip range below 1: the ratio is clipped to [1 - eps_clip, 1 + eps_clip_high]."""
+    surrogate: Surrogate = "ppo_clip"
+    """Per-token policy loss: ppo_clip (PPO's clipped ratio) | cispo (MiniMax-M1: truncated, detached IS weight on a REINFORCE term) | sapo (soft sigmoid gate)."""
+
+    ratio_level: RatioLevel = "token"
+    """Importance ratio per token, or per sequence (GSPO: exp of the sample's mean log-ratio; surrogate=ppo_clip only)."""
+
+    eps_clip: float | None = Field(None, gt=0, lt=1)
+    """ppo_clip's clip range below 1: the ratio is clipped to [1 - eps_clip, 1 + eps_clip_high]; null means 0.2."""
 
     eps_clip_high: float | None = Field(None, gt=0, le=10)
-    """Upper clip range (DAPO's clip-higher); null means the same as eps_clip."""
+    """Upper clip range (DAPO's clip-higher); null means eps_clip (0.2). With cispo the IS weight is truncated at 1 + eps_clip_high."""
 
     eps_clip_c: float | None = Field(None, gt=1)
-    """Dual-clip constant (> 1): for negative advantages the loss is capped at -eps_clip_c * A; null disables."""
+    """Dual-clip constant (> 1, ppo_clip only): for negative advantages the loss is capped at -eps_clip_c * A; null disables."""
+
+    sapo_tau_pos: float | None = Field(None, gt=0, le=100)
+    """SAPO's gate temperature for positive advantages (surrogate=sapo only); null means 1.0."""
+
+    sapo_tau_neg: float | None = Field(None, gt=0, le=100)
+    """SAPO's gate temperature for zero or negative advantages (surrogate=sapo only); null means 1.05."""
 
     kl_coef: float = Field(0.0, ge=0, le=100)
     """Weight of the KL penalty to the reference policy; 0 builds no reference model."""
@@ -91,10 +113,10 @@ class LossConfig(BaseModel):
     """Weight of the entropy bonus subtracted from the loss."""
 
     advantage_estimator: AdvantageEstimator = "grpo"
-    """grpo: (r - group mean) / (group std + eps); drgrpo: r - group mean (no std division)."""
+    """grpo: (r - group mean) / (group std + eps); drgrpo: r - group mean; grpo_batch_std: (r - group mean) / (batch std + eps) (ScaleRL)."""
 
     advantage_eps: float = Field(1e-6, gt=0, le=1)
-    """eps added to the group std of the grpo estimator."""
+    """eps added to the std of the grpo and grpo_batch_std estimators."""
 
     custom_pg_reducer: str | None = None
     """Import path 'module:function' (or 'module.function') of a token-weight function step -> flat weights; replaces the aggregation."""
@@ -176,7 +198,70 @@ class LossConfig(BaseModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _sequence_ratio_needs_ppo_clip(self) -> Self:
+        if self.ratio_level == "sequence" and self.surrogate != "ppo_clip":
+            raise ValueError(
+                f"ratio_level: the sequence ratio (GSPO) is defined for surrogate=ppo_clip only "
+                f"(got sequence with surrogate={self.surrogate}); set ratio_level=token or surrogate=ppo_clip"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _eps_clip_only_with_ppo_clip(self) -> Self:
+        if self.eps_clip is not None and self.surrogate != "ppo_clip":
+            uses = "truncates the IS weight at 1 + eps_clip_high only" if self.surrogate == "cispo" else "has no clip"
+            raise ValueError(
+                f"eps_clip: {self.surrogate} {uses}, so the lower clip range would be ignored "
+                f"(got {self.eps_clip}); remove it or set surrogate=ppo_clip"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _eps_clip_high_not_with_sapo(self) -> Self:
+        if self.eps_clip_high is not None and self.surrogate == "sapo":
+            raise ValueError(
+                f"eps_clip_high: sapo has no clip (a soft gate with sapo_tau_pos / sapo_tau_neg), so it would be "
+                f"ignored (got {self.eps_clip_high}); remove it or set surrogate=ppo_clip or cispo"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _dual_clip_only_with_ppo_clip(self) -> Self:
+        if self.eps_clip_c is not None and self.surrogate != "ppo_clip":
+            raise ValueError(
+                f"eps_clip_c: the dual clip belongs to ppo_clip and would be ignored with surrogate={self.surrogate} "
+                f"(got {self.eps_clip_c}); remove it or set surrogate=ppo_clip"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _sapo_temperatures_only_with_sapo(self) -> Self:
+        for name in ("sapo_tau_pos", "sapo_tau_neg"):
+            value = getattr(self, name)
+            if value is not None and self.surrogate != "sapo":
+                raise ValueError(
+                    f"{name}: is only used by surrogate=sapo, it would be ignored with surrogate={self.surrogate} "
+                    f"(got {value}); remove it or set surrogate=sapo"
+                )
+        return self
+
+    @property
+    def clip_low(self) -> float:
+        """Lower clip range of ppo_clip: eps_clip, or 0.2 when unset."""
+        return DEFAULT_EPS_CLIP if self.eps_clip is None else self.eps_clip
+
     @property
     def clip_high(self) -> float:
-        """Upper clip range: eps_clip_high, or eps_clip when unset."""
-        return self.eps_clip if self.eps_clip_high is None else self.eps_clip_high
+        """Upper clip range (ppo_clip) or IS-weight cap minus 1 (cispo): eps_clip_high, or clip_low when unset."""
+        return self.clip_low if self.eps_clip_high is None else self.eps_clip_high
+
+    @property
+    def tau_pos(self) -> float:
+        """SAPO's temperature for positive advantages: sapo_tau_pos, or 1.0 when unset."""
+        return DEFAULT_SAPO_TAU_POS if self.sapo_tau_pos is None else self.sapo_tau_pos
+
+    @property
+    def tau_neg(self) -> float:
+        """SAPO's temperature for zero or negative advantages: sapo_tau_neg, or 1.05 when unset."""
+        return DEFAULT_SAPO_TAU_NEG if self.sapo_tau_neg is None else self.sapo_tau_neg

@@ -122,7 +122,8 @@ def local_token_index(
     cp_size: int,
     qkv_format: str,
     max_seq_len: int | None,
-) -> Tensor:
+    with_counts: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Positions in the step's flat response-token order of the tokens a CP rank holds, in §4 order.
 
     Vectorized counterpart of :func:`local_response_ranges` for many samples at once (no Python loop
@@ -133,9 +134,11 @@ def local_token_index(
         response_lengths: R_i of the selected samples (int64).
         response_offsets: flat offset of each selected sample's first response token in the step.
         cp_rank, cp_size, qkv_format, max_seq_len: as in :func:`local_response_ranges` (already checked).
+        with_counts: also return how many of each sample's tokens the rank holds.
 
     Returns:
-        int64 tensor of flat token positions; its length is the rank's local value count.
+        int64 tensor of flat token positions; its length is the rank's local value count. With
+        ``with_counts``, ``(positions, per-sample counts)``.
     """
     width = total_lengths if qkv_format == "thd" or max_seq_len is None else torch.full_like(total_lengths, max_seq_len)
     chunk = torch.div(width + 2 * cp_size - 1, 2 * cp_size, rounding_mode="floor")
@@ -149,7 +152,8 @@ def local_token_index(
     # interleave (sample 0 piece 0, sample 0 piece 1, sample 1 piece 0, ...)
     piece_starts = torch.stack(starts, dim=1).reshape(-1)
     piece_lengths = torch.stack(lengths, dim=1).reshape(-1)
-    return runs_to_index(piece_starts, piece_lengths)
+    index = runs_to_index(piece_starts, piece_lengths)
+    return (index, lengths[0] + lengths[1]) if with_counts else index
 
 
 def runs_to_index(run_starts: Tensor, run_lengths: Tensor) -> Tensor:

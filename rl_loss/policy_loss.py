@@ -1,8 +1,9 @@
-"""The per-token policy loss (PPO clip, dual clip, KL, entropy, TIS, RS) and its reduction (SPEC §5).
+"""The policy loss of a micro-batch (surrogate, KL, entropy, TIS, RS) and its reduction (SPEC §5, §5b).
 
 All per-token inputs are one rank's local values of one micro-batch, in the order its reducers expect
-(per sample, its CP pieces concatenated). Only pg_loss goes through the configured aggregation;
-every other term and diagnostic goes through the metric reducer (always sample_mean).
+(per sample, its CP pieces concatenated). The surrogates themselves live in :mod:`rl_loss.surrogates`.
+Only pg_loss goes through the configured aggregation; every other term and diagnostic goes through the
+metric reducer (always sample_mean).
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from torch import Tensor
 
 from rl_loss.aggregation import TokenReducer
 from rl_loss.config import LossConfig
+from rl_loss.surrogates import LOG_RATIO_LIMIT, CpAllReduce, clipped_pg_loss, per_token_pg_loss
 
-LOG_RATIO_LIMIT = 20.0
+__all__ = ["LOG_RATIO_LIMIT", "clipped_pg_loss", "kl_penalty", "policy_loss", "truncated_importance_weights"]
 
 
 def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str) -> Tensor:
@@ -29,37 +31,6 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str) -> Tensor
     if estimator == "k3":
         return torch.expm1(-d) + d
     raise ValueError(f"kl_estimator must be one of k1, k2, k3 (got {estimator!r})")
-
-
-def clipped_pg_loss(
-    logprobs: Tensor,
-    old_logprobs: Tensor,
-    advantages: Tensor,
-    eps_clip: float,
-    eps_clip_high: float | None = None,
-    eps_clip_c: float | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """PPO's clipped surrogate per token, with separate low/high ranges and an optional dual clip.
-
-    r = exp(clamp(logp - logp_old, -20, 20));  l = max(-r*A, -clip(r, 1 - eps_low, 1 + eps_high)*A);
-    dual clip (eps_c > 1): for A < 0, l = min(l, -eps_c*A).
-
-    Returns:
-        ``(loss, clipped, ratio)``: per-token loss, a 0/1 float tensor of tokens where a clip binds
-        (the clipped branch is strictly larger, or the dual clip caps it), and the ratio.
-    """
-    high = eps_clip if eps_clip_high is None else eps_clip_high
-    ratio = torch.exp((logprobs - old_logprobs).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT))
-    unclipped = -ratio * advantages
-    clipped_branch = -ratio.clamp(1.0 - eps_clip, 1.0 + high) * advantages
-    loss = torch.maximum(unclipped, clipped_branch)
-    clipped = clipped_branch > unclipped
-    if eps_clip_c is not None:
-        cap = -eps_clip_c * advantages
-        dual = (advantages < 0) & (loss > cap)
-        loss = torch.where(dual, cap, loss)
-        clipped = clipped | dual
-    return loss, clipped.to(loss.dtype), ratio
 
 
 def truncated_importance_weights(old_logprobs: Tensor, rollout_logprobs: Tensor, low: float, high: float) -> Tensor:
@@ -80,6 +51,7 @@ def policy_loss(
     entropy: Tensor | None = None,
     tis_weights: Tensor | None = None,
     rs_mask: Tensor | None = None,
+    cp_all_reduce: CpAllReduce | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """This rank's partial of the step loss and of every metric, for one micro-batch.
 
@@ -92,15 +64,20 @@ def policy_loss(
         old_logprobs: the same under the policy that is being improved on (the rollout's, detached).
         advantages: per-token advantages (each sample's advantage repeated over its tokens).
         pg_reducer, metric_reducer: this rank's reducers for the micro-batch.
-        config: the loss configuration (clip ranges, KL and entropy coefficients).
+        config: the loss configuration (surrogate, ratio level, clip ranges, KL and entropy coefficients).
         ref_logprobs: reference policy log-probabilities; required when ``config.kl_coef > 0``.
         entropy: per-token entropy of the policy; required when ``config.entropy_coef > 0``.
         tis_weights: truncated importance weights multiplying the per-token pg loss.
         rs_mask: rejection-sampling mask (0 drops a token from the pg numerator; denominators keep it).
+        cp_all_reduce: autograd-aware sum over this rank's CP group (its backward all-reduces the
+            gradient too), e.g. ``lambda t: torch.distributed.nn.functional.all_reduce(t, group=cp_group)``;
+            used once per call by ``ratio_level=sequence`` only, and required there when
+            ``pg_reducer.cp_size > 1``.
 
     Returns:
-        ``(loss, metrics)`` with metrics ``pg_loss``, ``pg_clipfrac``, ``ppo_kl``, ``kl_loss``, ``entropy``
-        (detached except the differentiable loss).
+        ``(loss, metrics)`` with metrics ``pg_loss``, ``pg_clipfrac`` (the share of tokens the surrogate
+        counts as clipped, see :mod:`rl_loss.surrogates`), ``ppo_kl``, ``kl_loss``, ``entropy`` (detached
+        except the differentiable loss).
     """
     n = pg_reducer.num_local_tokens
     for name, value in (("logprobs", logprobs), ("old_logprobs", old_logprobs), ("advantages", advantages),
@@ -113,8 +90,8 @@ def policy_loss(
     if config.entropy_coef > 0 and entropy is None:
         raise ValueError(f"entropy is required when entropy_coef > 0 (got entropy_coef={config.entropy_coef})")
 
-    per_token, clipped, _ = clipped_pg_loss(
-        logprobs, old_logprobs.detach(), advantages.detach(), config.eps_clip, config.eps_clip_high, config.eps_clip_c
+    per_token, clipped = per_token_pg_loss(
+        config, logprobs, old_logprobs.detach(), advantages.detach(), pg_reducer, cp_all_reduce
     )
     if tis_weights is not None:
         per_token = per_token * tis_weights.detach()

@@ -57,12 +57,39 @@ def test_identical_rewards_give_zero_advantage():
     assert got.tolist() == [0.0, 0.0, 0.0]
 
 
+def test_grpo_batch_std_divides_group_centred_rewards_by_their_batch_std():
+    # group 0 = [1, 3]: mean 2, centred [-1, 1];  group 1 = [0, 4, 8]: mean 4, centred [-4, 0, 4]
+    # centred over the batch: [-1, 1, -4, 0, 4], sum of squares 1 + 1 + 16 + 0 + 16 = 34, N = 5
+    # unbiased batch std = sqrt(34 / 4) = sqrt(8.5)  (the biased one would be sqrt(34 / 5))
+    std_b = math.sqrt(8.5)
+    rewards = torch.tensor([1.0, 3.0, 0.0, 4.0, 8.0], dtype=torch.float64)
+    got = group_advantages(rewards, [0, 0, 1, 1, 1], "grpo_batch_std", EPS)
+    assert got.tolist() == pytest.approx([c / (std_b + EPS) for c in (-1.0, 1.0, -4.0, 0.0, 4.0)], rel=1e-12)
+
+
+def test_grpo_batch_std_is_one_scale_for_every_group():
+    # the same rollout as above under grpo divides each group by its own std: group 0 by sqrt(2), group 1 by 4;
+    # under grpo_batch_std both groups share sqrt(8.5), so A_i / (r_i - mean_g) is one constant
+    rewards = torch.tensor([1.0, 3.0, 0.0, 4.0, 8.0], dtype=torch.float64)
+    got = group_advantages(rewards, [0, 0, 1, 1, 1], "grpo_batch_std", EPS)
+    centred = torch.tensor([-1.0, 1.0, -4.0, 4.0], dtype=torch.float64)
+    scales = got[[0, 1, 2, 4]] / centred
+    assert torch.allclose(scales, scales[0].expand(4), rtol=1e-12)
+    assert float(scales[0]) == pytest.approx(1 / (math.sqrt(8.5) + EPS), rel=1e-12)
+
+
+def test_grpo_batch_std_of_a_single_sample_is_zero_not_nan():
+    # one sample: centred 0, batch std taken as 0 -> 0 / eps = 0
+    got = group_advantages(torch.tensor([5.0], dtype=torch.float64), [0], "grpo_batch_std", EPS)
+    assert got.tolist() == [0.0]
+
+
 def test_advantages_keep_the_rewards_dtype():
     assert group_advantages(torch.tensor([1.0, 2.0], dtype=torch.float32), [0, 0]).dtype == torch.float32
 
 
 def test_unknown_estimator_is_rejected_naming_it():
-    with pytest.raises(ValueError, match=r"estimator must be one of grpo, drgrpo \(got 'ppo'\)"):
+    with pytest.raises(ValueError, match=r"estimator must be one of grpo, drgrpo, grpo_batch_std \(got 'ppo'\)"):
         group_advantages(torch.tensor([1.0, 2.0]), [0, 0], "ppo")
 
 
@@ -100,3 +127,14 @@ def test_advantage_of_a_sample_depends_only_on_its_whole_group(rollout):
         members = [i for i in range(len(groups)) if groups[i] == g]
         alone = group_advantages(r[members], [g] * len(members), estimator, EPS)
         assert torch.allclose(alone, full[members], rtol=1e-12, atol=1e-12)
+
+
+@settings(max_examples=50, deadline=None)
+@given(rollout=rollouts())
+def test_grpo_batch_std_permutes_with_the_rollout(rollout):
+    # the batch std is a statistic of the whole rollout: any reordering of it permutes the advantages
+    rewards, groups, order, _ = rollout
+    r = torch.tensor(rewards, dtype=torch.float64)
+    full = group_advantages(r, groups, "grpo_batch_std", EPS)
+    permuted = group_advantages(r[list(order)], [groups[i] for i in order], "grpo_batch_std", EPS)
+    assert torch.allclose(permuted, full[list(order)], rtol=1e-12, atol=1e-12)

@@ -69,3 +69,18 @@ def test_train_step_benchmark_reports_throughput(capsys):
     assert train_step.main(["--rollouts", "1", "--warmup", "0", *tiny]) == 0
     out = capsys.readouterr().out
     assert "| training tokens/s (without rollout) |" in out and "| end-to-end tokens/s (with rollout) |" in out
+
+
+def test_surrogate_benchmark_quick_run_prints_rows_and_target(tmp_path, capsys):
+    from benchmarks import surrogates
+
+    out_json = tmp_path / "surrogates.json"
+    code = surrogates.main(["--quick", "--tokens", "512", "--samples", "4", "--repeats", "3", "--threads", "1",
+                            "--json", str(out_json)])
+    assert code == 0  # the target is reported, not enforced, without --strict
+    text = capsys.readouterr().out
+    assert "| sequence ratio fwd+bwd <= 1.5x ppo_clip |" in text
+    results = json.loads(out_json.read_text())
+    # 3 variants x 1 sample count x 2 CP sizes x (reducer reused, built per call)
+    assert len(results["rows"]) == 12
+    assert {r["variant"] for r in results["rows"]} == {"cispo", "sapo", "sequence"}

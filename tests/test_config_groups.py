@@ -39,8 +39,8 @@ def test_group_combinations_cover_both_backends_and_every_model():
         assert any(option in c.split() for c in combos), option
 
 
-def test_hydra_lists_the_four_loss_presets():
-    assert set(group_options()["loss"]) >= {"grpo", "dapo", "drgrpo", "scalerl"}
+def test_hydra_lists_the_loss_presets():
+    assert set(group_options()["loss"]) >= {"grpo", "dapo", "drgrpo", "scalerl", "gspo", "cispo", "sapo"}
 
 
 @pytest.mark.parametrize("overrides", all_group_combinations(), ids=lambda o: " ".join(o))
@@ -51,7 +51,8 @@ def test_every_group_combination_validates(overrides):
 
 @pytest.mark.parametrize(
     ("preset", "aggregation"),
-    [("grpo", "sample_mean"), ("dapo", "token_mean"), ("drgrpo", "constant"), ("scalerl", "prompt_mean")],
+    [("grpo", "sample_mean"), ("dapo", "token_mean"), ("drgrpo", "constant"), ("scalerl", "prompt_mean"),
+     ("gspo", "sample_mean"), ("cispo", "token_mean"), ("sapo", "sample_mean")],
 )
 def test_instantiate_loss_group_returns_factory(preset, aggregation):
     register_configs()
@@ -83,7 +84,7 @@ def test_drgrpo_divisor_override():
 
 def test_dapo_sets_clip_higher():
     loss = compose_job(["loss=dapo"]).config.loss
-    assert (loss.eps_clip, loss.clip_high) == (0.2, 0.28)
+    assert (loss.clip_low, loss.clip_high) == (0.2, 0.28)
 
 
 @pytest.mark.parametrize("launcher", ["joblib", "submitit_slurm", "submitit_local"])

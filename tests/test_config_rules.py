@@ -109,7 +109,7 @@ def test_unknown_appended_key_gets_did_you_mean():
 
 def test_unknown_preset_lists_the_available_ones():
     line = only_problem("loss=grpoo")
-    assert line == "loss=grpoo: no such option; did you mean 'loss=grpo'? (available: dapo, drgrpo, grpo, scalerl)"
+    assert line == "loss=grpoo: no such option; did you mean 'loss=grpo'? (available: cispo, dapo, drgrpo, grpo, gspo, sapo, scalerl)"
 
 
 def test_wrong_type_names_field_and_value():
@@ -173,14 +173,17 @@ def test_sweep_is_validated_whole_before_any_job(capsys):
     assert "job 1 (loss=drgrpo loss.divisor=-1): loss.divisor: must be a finite number > 0" in err
 
 
-def test_dry_run_sweep_validates_four_jobs(capsys):
+def test_dry_run_sweep_validates_every_preset(capsys):
     with pytest.raises(SystemExit) as exit_:
-        preflight(["-m", "loss=grpo,dapo,drgrpo,scalerl", "dry_run=true"])
+        preflight(["-m", "loss=grpo,dapo,drgrpo,scalerl,gspo,cispo,sapo", "dry_run=true"])
     assert exit_.value.code == 0
     out = capsys.readouterr().out
-    assert "dry run: 4 job(s) valid, nothing started" in out
+    assert "dry run: 7 job(s) valid, nothing started" in out
     for mode in ("sample_mean", "token_mean", "constant", "prompt_mean"):
         assert f"aggregation={mode}" in out
+    for surrogate in ("ppo_clip", "cispo", "sapo"):
+        assert f"surrogate={surrogate}" in out
+    assert "ratio=sequence" in out and "advantages=grpo_batch_std" in out
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -208,7 +211,7 @@ def test_cli_help_lists_groups_and_every_loss_field():
 
     result = run_cli("--help")
     assert result.returncode == 0
-    assert "loss: dapo, drgrpo, grpo, scalerl" in result.stdout
+    assert "loss: cispo, dapo, drgrpo, grpo, gspo, sapo, scalerl" in result.stdout
     for name, field in LossConfig.model_fields.items():
         if name != "target":
             assert f"loss.{name} (" in result.stdout

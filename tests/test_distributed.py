@@ -46,8 +46,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(run_dir: Path, nproc: int, overrides: list[str]) -> list[dict]:
-    args = [*BASE, *overrides, f"hydra.run.dir={run_dir}"]
+def run(run_dir: Path, nproc: int, overrides: list[str], base: list[str] = BASE) -> list[dict]:
+    args = [*base, *overrides, f"hydra.run.dir={run_dir}"]
     if nproc == 1:
         cmd = [sys.executable, "-m", "launchers.train", *args]
     else:
@@ -75,3 +75,34 @@ def test_layout_gives_same_rollouts_objective_and_gradient(tmp_path, single_proc
             assert got[key] == want[key], (layout, key)
         for key, floor in COMPARED.items():
             assert got[key] == pytest.approx(want[key], rel=RTOL, abs=floor), (layout, key, got[key], want[key])
+
+
+# The surrogate presets (SPEC §5b). GSPO's sequence ratio needs each sample's log-ratio sum over tokens that
+# live on both CP ranks: one autograd all-reduce per micro-batch. Its second step is off-policy (two steps per
+# rollout), so sequence ratios leave 1 and its 3e-4 / 4e-4 clip binds. sample_mean's pg_loss is ~1e-12 at a
+# rollout's first step (zero-mean advantages): compared with an absolute floor. scalerl (prompt_mean) needs
+# one step per rollout.
+PRESETS = {
+    "gspo": [],
+    "cispo": [],
+    "sapo": [],
+    "scalerl": ["trainer.global_batch_size=16"],
+}
+PRESET_BASE = [arg for arg in BASE if not arg.startswith("loss=")]
+PRESET_FLOORS = {**COMPARED, "pg_loss": 1e-9}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_surrogate_preset_under_cp_2_matches_one_process(tmp_path, preset):
+    overrides = [f"loss={preset}", *PRESETS[preset]]
+    one = run(tmp_path / "one", 1, overrides, base=PRESET_BASE)
+    two = run(tmp_path / "cp2", 2, ["parallel.cp_size=2", *overrides], base=PRESET_BASE)
+    assert len(one) == len(two) == 2
+    for got, want in zip(two, one, strict=True):
+        for key in ("reward_mean", "response_length_mean", "tokens"):
+            assert got[key] == want[key], (preset, key)
+        for key, floor in PRESET_FLOORS.items():
+            assert got[key] == pytest.approx(want[key], rel=RTOL, abs=floor), (preset, key, got[key], want[key])
+    if preset == "gspo":  # the off-policy step clips some sequences and still has a gradient
+        assert one[1]["pg_clipfrac"] > 0 and one[1]["grad_norm"] > 0

@@ -156,7 +156,7 @@ def our_step(batch: Batch, config: LossConfig, accumulation: int) -> tuple[torch
         loss, metrics = policy_loss(logprobs[index], old[index], advantages[index], pg, metric, config)
         total = total + loss
         per_token, _, _ = clipped_pg_loss(logprobs[index].detach(), old[index], advantages[index],
-                                          config.eps_clip, config.eps_clip_high)  # fmt: skip
+                                          config.clip_low, config.clip_high)  # fmt: skip
         size += float(pg(per_token.abs()))
     return total, torch.tensor(size)
 

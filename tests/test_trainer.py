@@ -49,7 +49,8 @@ def without_timing(records: list[dict]) -> list[dict]:
 
 @pytest.mark.parametrize(
     ("preset", "aggregation"),
-    [("grpo", "sample_mean"), ("dapo", "token_mean"), ("drgrpo", "constant"), ("scalerl", "prompt_mean")],
+    [("grpo", "sample_mean"), ("dapo", "token_mean"), ("drgrpo", "constant"), ("scalerl", "prompt_mean"),
+     ("gspo", "sample_mean"), ("cispo", "token_mean"), ("sapo", "sample_mean")],
 )
 def test_smoke_run_per_preset_writes_every_metric(tmp_path, preset, aggregation):
     records = run_tiny(tmp_path, f"loss={preset}", "trainer.max_steps=2")

@@ -137,6 +137,31 @@ RULE_CASES = {
         "loss.calculate_per_token_loss=true: loss.calculate_per_token_loss: would renormalise the custom pg "
         f"reducer's weights by the token count (got true with custom_pg_reducer='{CUSTOM}'); set it to false",
     ),
+    "_sequence_ratio_needs_ppo_clip": (
+        ["loss=cispo", "loss.ratio_level=sequence"],
+        "loss.ratio_level=sequence: loss.ratio_level: the sequence ratio (GSPO) is defined for surrogate=ppo_clip "
+        "only (got sequence with surrogate=cispo); set ratio_level=token or surrogate=ppo_clip",
+    ),
+    "_eps_clip_only_with_ppo_clip": (
+        ["loss=sapo", "loss.eps_clip=0.1"],
+        "loss.eps_clip=0.1: loss.eps_clip: sapo has no clip, so the lower clip range would be ignored (got 0.1); "
+        "remove it or set surrogate=ppo_clip",
+    ),
+    "_eps_clip_high_not_with_sapo": (
+        ["loss=sapo", "loss.eps_clip_high=0.28"],
+        "loss.eps_clip_high=0.28: loss.eps_clip_high: sapo has no clip (a soft gate with sapo_tau_pos / "
+        "sapo_tau_neg), so it would be ignored (got 0.28); remove it or set surrogate=ppo_clip or cispo",
+    ),
+    "_dual_clip_only_with_ppo_clip": (
+        ["loss=cispo", "loss.eps_clip_c=3"],
+        "loss.eps_clip_c=3: loss.eps_clip_c: the dual clip belongs to ppo_clip and would be ignored with "
+        "surrogate=cispo (got 3.0); remove it or set surrogate=ppo_clip",
+    ),
+    "_sapo_temperatures_only_with_sapo": (
+        ["loss=gspo", "loss.sapo_tau_pos=2"],
+        "loss.sapo_tau_pos=2: loss.sapo_tau_pos: is only used by surrogate=sapo, it would be ignored with "
+        "surrogate=ppo_clip (got 2.0); remove it or set surrogate=sapo",
+    ),
 }
 # before-validators that accept and relabel (tested above, with their warning)
 RELABELLING_RULES = {"_per_token_flag_is_token_mean"}
@@ -168,7 +193,7 @@ def test_divisor_must_be_finite_and_positive(capsys, value):
 
 def test_unknown_preset_gets_did_you_mean(capsys):
     line = only_problem(capsys, "loss=grpoo")
-    assert line.startswith("loss=grpoo: no such option; did you mean 'loss=grpo'? (available: dapo, drgrpo, grpo, ")
+    assert line.startswith("loss=grpoo: no such option; did you mean 'loss=grpo'? (available: cispo, dapo, drgrpo, grpo, ")
 
 
 def test_unknown_key_override_gets_did_you_mean(capsys):
@@ -311,7 +336,7 @@ def test_problem_inherited_from_a_preset_names_the_file(capsys, tmp_path):
 def test_unknown_preset_in_a_files_defaults_gets_did_you_mean(capsys, tmp_path):
     path = write(tmp_path, "defaults:\n  - dapoo\n  - _self_\n")
     assert only_problem(capsys, path).startswith(
-        f"{path}:1: defaults: no loss preset 'dapoo'; did you mean 'dapo'? (available: base, dapo, drgrpo, grpo, "
+        f"{path}:1: defaults: no loss preset 'dapoo'; did you mean 'dapo'? (available: base, cispo, dapo, drgrpo, grpo, "
     )
 
 

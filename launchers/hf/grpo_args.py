@@ -93,8 +93,9 @@ HONOURED_OUTSIDE_GRPO_CONFIG: dict[str, str] = {
 }
 """Launcher sections/fields that TRL honours through something other than GRPOConfig."""
 
-SCALE_REWARDS = {"grpo": "group", "drgrpo": "none"}
-"""loss.advantage_estimator -> GRPOConfig.scale_rewards: TRL computes the advantages (std + 1e-4 for group)."""
+SCALE_REWARDS = {"grpo": "group", "drgrpo": "none", "grpo_batch_std": "none"}
+"""loss.advantage_estimator -> GRPOConfig.scale_rewards: TRL computes the advantages (std + 1e-4 for group; for
+grpo_batch_std TRL centres them and RLLossGRPOTrainer divides by the batch std)."""
 
 _CUDA_REQUESTED = {"cpu": False, "cuda": True}
 

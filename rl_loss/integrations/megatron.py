@@ -207,6 +207,7 @@ def megatron_policy_loss_func(
     tis_weights: Tensor | None = None,
     rs_mask: Tensor | None = None,
     logprobs_from_output: Callable[[Tensor], Tensor | tuple[Tensor, Tensor]] | None = None,
+    cp_all_reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> MegatronLossFunc:
     """Megatron ``loss_func`` computing the full policy loss (:func:`rl_loss.policy_loss`) of a micro-batch.
 
@@ -221,6 +222,10 @@ def megatron_policy_loss_func(
         logprobs_from_output: maps the model's output tensor to the local log-probs, or to
             ``(logprobs, entropy)`` when the model also gives the per-token entropy; ``None`` means the
             output already is the log-prob tensor.
+        cp_all_reduce: autograd-aware sum over this rank's CP group, called once per micro-batch by
+            ``loss.ratio_level=sequence`` (GSPO: each sample's log-ratio sum spans the CP ranks) and required
+            there when ``cp_size > 1``, e.g. ``lambda t: torch.distributed.nn.functional.all_reduce(t,
+            group=parallel_state.get_context_parallel_group())``; unused by token-level ratios.
 
     Returns:
         ``loss_func(output_tensor) -> (loss, num_tokens, report)``; the report holds ``pg_loss``,
@@ -244,6 +249,7 @@ def megatron_policy_loss_func(
             entropy=entropy,
             tis_weights=tis_weights,
             rs_mask=rs_mask,
+            cp_all_reduce=cp_all_reduce,
         )
         return contract.megatron_return(loss, metrics)
 

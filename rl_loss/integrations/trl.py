@@ -1,7 +1,8 @@
 """Hugging Face TRL: rl-loss aggregation inside ``trl.GRPOTrainer`` (``pip install rl-loss[trl]``).
 
 :class:`RLLossGRPOTrainer` is a ``trl.GRPOTrainer`` whose loss is computed by rl-loss: TRL still
-generates, scores and computes advantages; ``_compute_loss`` -- the hook TRL's own experimental
+generates, scores and computes advantages (for ``advantage_estimator=grpo_batch_std`` this trainer
+divides TRL's group-centred advantages by their std over the generation batch); ``_compute_loss`` -- the hook TRL's own experimental
 trainers (e.g. ``trl/experimental/gmpo``) override -- computes the per-token loss with
 :func:`rl_loss.policy_loss` and aggregates it with the configured mode over the **optimizer step**
 (all its micro-batches on all processes), SPEC §2-§3. Checked against trl 1.16.0 and transformers 5.
@@ -120,9 +121,23 @@ class RLLossGRPOTrainer(GRPOTrainer):
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         output = super()._generate_and_score_completions(inputs)
+        if self.loss_config.advantage_estimator == "grpo_batch_std":
+            output["advantages"] = self._batch_std_advantages(output["advantages"])
         device = output["advantages"].device
         output[ROW_KEY] = generation_rows(output["advantages"].size(0), self.accelerator.process_index, device)
         return output
+
+    def _batch_std_advantages(self, centred: Tensor) -> Tensor:
+        """grpo_batch_std (ScaleRL, SPEC §5) from TRL's ``scale_rewards="none"`` advantages ``c = r - mean_g``.
+
+        A = c / (std_B + advantage_eps), std_B = sqrt(sum_j c_j^2 / (N - 1)) over the N completions of the
+        whole generation batch (every process's share: one all-gather per generation), as
+        :func:`rl_loss.group_advantages` computes it; TRL's own ``scale_rewards="batch"`` would divide by
+        the std of the raw rewards instead.
+        """
+        every = self.accelerator.gather(centred.detach()).to(torch.float64)
+        batch_std = (every.square().sum() / max(every.numel() - 1, 1)).sqrt()
+        return (centred.to(torch.float64) / (batch_std + self.loss_config.advantage_eps)).to(centred.dtype)
 
     def _prepare_inputs(self, generation_batch: Any) -> dict[str, Any]:
         inputs = super()._prepare_inputs(generation_batch)

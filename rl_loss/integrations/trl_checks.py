@@ -35,8 +35,9 @@ TRL_LOSS_TYPES: dict[str, tuple[str, str]] = {
 TRL_ADVANTAGE_EPS = 1e-4
 """The eps TRL 1.16 adds to the reward std (hard-coded in ``_generate_and_score_completions``)."""
 
-SCALE_REWARDS: dict[str, str] = {"grpo": "group", "drgrpo": "none"}
-"""loss_config.advantage_estimator -> the GRPOConfig.scale_rewards computing the same advantages."""
+SCALE_REWARDS: dict[str, str] = {"grpo": "group", "drgrpo": "none", "grpo_batch_std": "none"}
+"""loss_config.advantage_estimator -> the GRPOConfig.scale_rewards computing the same advantages (grpo_batch_std:
+TRL centres the rewards on their group mean and RLLossGRPOTrainer divides by the batch std itself)."""
 
 
 def _default(args: Any, name: str) -> Any:
@@ -123,9 +124,9 @@ def _loss_type_agrees(args: Any, loss: LossConfig) -> str | None:
 def _clip_range_agrees(args: Any, loss: LossConfig) -> str | None:
     problems = []
     surrogate = _surrogate(loss)
-    if surrogate == "ppo_clip" and not _is_default(args, "epsilon") and not _same(args.epsilon, loss.eps_clip):
+    if surrogate == "ppo_clip" and not _is_default(args, "epsilon") and not _same(args.epsilon, loss.clip_low):
         problems.append(
-            f"GRPOConfig.epsilon: must equal loss_config.eps_clip={loss.eps_clip}, which decides the clip range "
+            f"GRPOConfig.epsilon: must equal loss_config.eps_clip={loss.clip_low}, which decides the clip range "
             f"(got epsilon={args.epsilon}); set loss_config.eps_clip={args.epsilon} or leave epsilon at its default"
         )
     if surrogate in ("ppo_clip", "cispo") and args.epsilon_high is not None:
@@ -248,7 +249,9 @@ def _advantages_agree(args: Any, loss: LossConfig) -> str | None:
             f"loss_config.advantage_estimator: TRL computes the advantages, with scale_rewards={args.scale_rewards!r} "
             f"(got advantage_estimator={loss.advantage_estimator!r}); {fix}"
         )
-    if _given(loss, "advantage_eps") and not _same(loss.advantage_eps, TRL_ADVANTAGE_EPS):
+    # grpo_batch_std: RLLossGRPOTrainer divides by the batch std + loss_config.advantage_eps itself
+    trl_adds_eps = loss.advantage_estimator != "grpo_batch_std"
+    if trl_adds_eps and _given(loss, "advantage_eps") and not _same(loss.advantage_eps, TRL_ADVANTAGE_EPS):
         problems.append(
             f"loss_config.advantage_eps: TRL adds a fixed {TRL_ADVANTAGE_EPS} to the reward std "
             f"(got advantage_eps={loss.advantage_eps}); drop it"

@@ -1,0 +1,191 @@
+"""Benchmark of the surrogates against ppo_clip (``make bench``): per-token loss + reduction, forward+backward.
+
+For each surrogate (cispo, sapo) and for GSPO's sequence ratio (ppo_clip with ``ratio_level=sequence``),
+at 2^20 response tokens with 64 and 4096 samples, without CP and as CP rank 0 of 2 (thd; the CP all-reduce
+of the sequence ratio is the identity in one process), it times
+
+    loss = pg_reducer(per_token_pg_loss(config, logp, logp_old, A, pg_reducer, cp_all_reduce)); loss.backward()
+
+against the same with ``surrogate=ppo_clip, ratio_level=token`` on the same float32 values and the same
+sample_mean weights. Two settings: the reducer built once and reused (the loss and reduction alone), and
+a fresh reducer per call (what a training loop pays per micro-batch, including the first-call per-sample
+index of the sequence ratio). Target: the sequence ratio <= 1.5x ppo_clip.
+
+Method as in :mod:`benchmarks.reducers`: warm-up, interleaved pairs, medians of per-pair ratios (10th
+percentile ratio as a cross-check on a busy machine); run with ``make bench`` for the allocator settings.
+
+Usage: ``python -m benchmarks.surrogates [--quick] [--tokens N] [--repeats K] [--samples 64,4096]
+[--cp-sizes 1,2] [--threads T] [--json PATH] [--strict]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from benchmarks._harness import compare, load_average, machine_facts
+from benchmarks._workload import make_workload
+from rl_loss import LossConfig, ReducerFactory, StepBatch
+from rl_loss.surrogates import per_token_pg_loss
+
+SEQUENCE_TARGET = 1.5  # sequence ratio fwd+bwd / ppo_clip fwd+bwd
+VARIANTS: dict[str, dict[str, Any]] = {
+    "ppo_clip": {},
+    "cispo": {"surrogate": "cispo"},
+    "sapo": {"surrogate": "sapo"},
+    "sequence": {"ratio_level": "sequence"},
+}
+
+
+def _csv_ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.surrogates", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="short run on small sizes (smoke test)")
+    parser.add_argument("--tokens", type=int, default=None, help="response tokens per step (default 2**20; quick 2048)")
+    parser.add_argument("--repeats", type=int, default=None, help="interleaved pairs per comparison (default 60)")
+    parser.add_argument("--samples", type=_csv_ints, default=None, help="sample counts (default 64,4096; quick 4,16)")
+    parser.add_argument("--cp-sizes", type=_csv_ints, default=[1, 2], help="CP sizes, rank 0 (default 1,2)")
+    parser.add_argument("--max-seconds", type=float, default=None, help="time cap per comparison (default 4)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: as the process has)")
+    parser.add_argument("--json", metavar="PATH", default=None, help="also write every figure as JSON")
+    parser.add_argument("--strict", action="store_true", help="exit 1 when the target fails")
+    args = parser.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be >= 1")
+    if any(cp < 1 for cp in args.cp_sizes):
+        parser.error("--cp-sizes must be >= 1")
+    quick = args.quick
+    args.tokens = args.tokens or (2048 if quick else 1 << 20)
+    args.repeats = args.repeats or (5 if quick else 60)
+    args.samples = args.samples or ([4, 16] if quick else [64, 4096])
+    args.max_seconds = args.max_seconds if args.max_seconds is not None else (0.05 if quick else 4.0)
+    args.warmup = 1 if quick else 3
+    args.min_pairs = 3 if quick else 15
+    if any(n < 1 or n > args.tokens for n in args.samples):
+        parser.error(f"--samples must be between 1 and --tokens={args.tokens}")
+    return args
+
+
+def _loss_fn(
+    config: LossConfig, make_reducer: Callable[[], Any], logp: torch.Tensor, old: torch.Tensor, adv: torch.Tensor,
+    fresh: bool,
+) -> Callable[[], None]:
+    """One forward+backward of the per-token loss and its reduction (the reducer reused, or built per call)."""
+    reused = make_reducer()
+
+    def run() -> None:
+        logp.grad = None
+        reducer = make_reducer() if fresh else reused
+        per_token, _ = per_token_pg_loss(config, logp, old, adv, reducer, cp_all_reduce=lambda t: t)
+        reducer(per_token).backward()
+
+    return run
+
+
+def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
+    timing = dict(repeats=args.repeats, warmup=args.warmup, max_seconds=args.max_seconds, min_pairs=args.min_pairs)
+    results: dict[str, Any] = {
+        "machine": machine_facts(),
+        "settings": {"tokens": args.tokens, "samples": args.samples, "cp_sizes": args.cp_sizes, **timing},
+        "rows": [],
+    }
+    gen = torch.Generator().manual_seed(args.seed)
+    started = time.perf_counter()
+    for num_samples in args.samples:
+        work = make_workload(args.tokens, num_samples, seed=args.seed)
+        step = StepBatch(response_lengths=work.response_lengths, total_lengths=work.total_lengths,
+                         loss_masks=work.mask_flat, group_index=work.group_index)
+        factories = {name: ReducerFactory(LossConfig(**fields)) for name, fields in VARIANTS.items()}
+        for cp in args.cp_sizes:
+            layout = dict(sample_indices=list(range(num_samples)), cp_rank=0, cp_size=cp)
+            n = factories["ppo_clip"].pg_reducer(step, **layout).num_local_tokens
+            old = -0.1 - 3.0 * torch.rand(n, generator=gen)
+            logp = (old + 0.4 * torch.rand(n, generator=gen) - 0.2).requires_grad_()
+            adv = torch.randn(n, generator=gen)
+            for fresh in (False, True):
+                fns = {
+                    name: _loss_fn(f.config, lambda f=f, step=step, layout=layout: f.pg_reducer(step, **layout), logp, old, adv, fresh)
+                    for name, f in factories.items()
+                }
+                for name in ("cispo", "sapo", "sequence"):
+                    log(f"N={num_samples} cp={cp} {'fresh' if fresh else 'reused'} reducer: {name} vs ppo_clip")
+                    timed = compare(fns["ppo_clip"], fns[name], **timing).as_dict()
+                    results["rows"].append({"variant": name, "samples": num_samples, "cp": cp, "local_tokens": n,
+                                            "reducer": "per call" if fresh else "reused", "time": timed})
+    results["elapsed_s"] = time.perf_counter() - started
+    results["machine"]["loadavg_at_end"] = load_average()
+    sequence = [r for r in results["rows"] if r["variant"] == "sequence"]
+    worst = max(sequence, key=lambda r: r["time"]["ratio"])
+    results["target"] = {
+        "target": f"sequence ratio fwd+bwd <= {SEQUENCE_TARGET:g}x ppo_clip",
+        "worst": worst["time"]["ratio"],
+        "worst_p10": worst["time"]["ratio_p10"],
+        "where": f"N={worst['samples']} cp={worst['cp']} reducer {worst['reducer']}",
+        "pass": all(r["time"]["ratio"] <= SEQUENCE_TARGET for r in sequence),
+    }
+    return results
+
+
+def _cell(c: dict[str, float]) -> str:
+    return f"{c['ratio']:.2f} [{c['ratio_q1']:.2f}-{c['ratio_q3']:.2f}] ({c['ratio_p10']:.2f})"
+
+
+def render(results: dict[str, Any]) -> str:
+    m, s = results["machine"], results["settings"]
+    out = [
+        "# Surrogate benchmark: per-token loss + reduction, forward+backward, against ppo_clip",
+        "",
+        f"{s['tokens']} response tokens, float32, sample_mean weights; torch {m['torch']}, torch threads "
+        f"{m['torch_threads']}, {m['cpus_usable']} usable CPUs ({m['cpu_model']}), load {m['loadavg_at_start']} -> "
+        f"{m['loadavg_at_end']}; {s['repeats']} interleaved pairs at most per comparison.",
+        "",
+        "ratio: median of per-pair candidate / ppo_clip [quartiles] (ratio of 10th percentiles).",
+        "",
+        "| variant | N | cp | local tokens | reducer | ppo_clip ms | variant ms | variant / ppo_clip |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["rows"]:
+        t = r["time"]
+        out.append(f"| {r['variant']} | {r['samples']} | {r['cp']} | {r['local_tokens']} | {r['reducer']} | "
+                   f"{t['floor_ms']:.2f} | {t['candidate_ms']:.2f} | {_cell(t)} |")
+    t = results["target"]
+    out += [
+        "",
+        "| target | worst ratio (p10 ratio) | where | result |",
+        "|---|---|---|---|",
+        f"| {t['target']} | {t['worst']:.2f} ({t['worst_p10']:.2f}) | {t['where']} | {'PASS' if t['pass'] else 'FAIL'} |",
+        "",
+        f"Elapsed {results['elapsed_s']:.0f}s.",
+    ]
+    return "\n".join(out) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    threads = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        results = run(args, log=lambda text: print(text, file=sys.stderr, flush=True))
+    finally:
+        torch.set_num_threads(threads)
+    sys.stdout.write(render(results))
+    sys.stdout.flush()
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=1, default=str)
+    return 1 if args.strict and not results["target"]["pass"] else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
