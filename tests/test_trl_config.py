@@ -370,3 +370,23 @@ def test_several_gpus_in_one_process_point_to_accelerate():
     assert several_gpus_in_one_process(4).startswith(
         "device: 4 GPUs are visible to one process and TRL's GRPOTrainer does not support nn.DataParallel")
     assert "accelerate launch --multi_gpu --num_processes 4" in several_gpus_in_one_process(4)
+
+
+def test_gradient_checkpointing_goes_by_the_name_the_installed_transformers_knows():
+    # transformers 5.17 (seen on the GPU image) has no activation_checkpointing field; 5.24 has both names
+    import dataclasses
+
+    from launchers.hf.train import for_installed_transformers
+
+    @dataclasses.dataclass
+    class Before:  # a TrainingArguments of a transformers 5 release before the rename
+        gradient_checkpointing: bool = False
+        bf16: bool = False
+
+    @dataclasses.dataclass
+    class After(Before):
+        activation_checkpointing: bool = False
+
+    kwargs = {"activation_checkpointing": True, "bf16": True}
+    assert for_installed_transformers(kwargs, Before) == {"gradient_checkpointing": True, "bf16": True}
+    assert for_installed_transformers(kwargs, After) == kwargs

@@ -16,6 +16,7 @@ folders (:data:`launchers.checkpoints.TRAINER_FOLDERS`), :class:`launchers.preem
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import time
@@ -60,6 +61,20 @@ def stop_ids(policy: LoadedPolicy) -> list[int]:
     return [policy.tokenizer.eos_token_id, *configured]
 
 
+RENAMED_ARGUMENTS = {"activation_checkpointing": "gradient_checkpointing"}
+"""TrainingArguments fields renamed within transformers 5 (new name -> the name releases before 5.2x take)."""
+
+
+def for_installed_transformers(kwargs: dict[str, Any], config_class: type) -> dict[str, Any]:
+    """``kwargs`` with each renamed field under the name the installed ``config_class`` (GRPOConfig) knows.
+
+    transformers 5.24 calls gradient checkpointing ``activation_checkpointing`` (the old name is a deprecated
+    alias); earlier 5.x releases (e.g. 5.17) only know ``gradient_checkpointing``.
+    """
+    fields = {f.name for f in dataclasses.fields(config_class)}
+    return {(RENAMED_ARGUMENTS[k] if k in RENAMED_ARGUMENTS and k not in fields else k): v for k, v in kwargs.items()}
+
+
 def several_gpus_in_one_process(n_gpu: int) -> str | None:
     """The problem when one process sees several GPUs (the Trainer would use nn.DataParallel, which TRL refuses)."""
     if n_gpu <= 1:
@@ -94,7 +109,8 @@ def train(config: RunConfig, run_dir: str | Path, factory: Any = None) -> float:
     torch.set_num_threads(config.torch_threads)
     world = world_size_from_env()
     # under accelerate launch / torchrun, building the arguments sets up the process group
-    args = GRPOConfig(**grpo_config_kwargs(config, run_dir, world, cuda_available=device.type == "cuda"))
+    args = GRPOConfig(**for_installed_transformers(
+        grpo_config_kwargs(config, run_dir, world, cuda_available=device.type == "cuda"), GRPOConfig))
     # RLLossGRPOTrainer's own checks and TRL's refusal of nn.DataParallel, before the model loads
     problems = [*grpo_config_problems(args, trl_loss_config(config)),
                 *filter(None, [several_gpus_in_one_process(args.n_gpu)])]
