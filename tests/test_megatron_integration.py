@@ -427,8 +427,14 @@ def toy_entropy(features: Tensor, theta: Tensor) -> Tensor:
     return 1.0 + 0.5 * torch.tanh(features @ theta)
 
 
-def reference_policy_objective(step: Step, theta: Tensor, inputs: PolicyInputs, mode: str) -> dict[str, Tensor]:
-    """SPEC §5 per token, SPEC §2 aggregation: pg in the mode, KL (k3) and entropy in sample_mean."""
+def reference_policy_objective(
+    step: Step, theta: Tensor, inputs: PolicyInputs, mode: str, pg_units: list[int] | None = None
+) -> dict[str, Tensor]:
+    """SPEC §5 per token, SPEC §2 aggregation: pg in the mode, KL (k3) and entropy in sample_mean.
+
+    ``pg_units`` replaces the prompt groups in pg_loss's aggregation (trajectory_mean is prompt_mean's
+    formula over trajectories, SPEC §2b).
+    """
     eps_low, eps_high = 0.2, 0.28
     pg, kl, entropy, ppo_kl = [], [], [], []
     for i, f in enumerate(step.features):
@@ -442,7 +448,7 @@ def reference_policy_objective(step: Step, theta: Tensor, inputs: PolicyInputs, 
         entropy.append(toy_entropy(f, theta))
         ppo_kl.append((inputs.old_logprobs[i] - logp).detach())
     terms = {
-        "pg_loss": step_objective(pg, step.masks, step.groups, mode),
+        "pg_loss": step_objective(pg, step.masks, step.groups if pg_units is None else pg_units, mode),
         "kl_loss": step_objective(kl, step.masks, step.groups, "sample_mean"),
         "entropy": step_objective(entropy, step.masks, step.groups, "sample_mean"),
         "ppo_kl": step_objective(ppo_kl, step.masks, step.groups, "sample_mean"),

@@ -270,8 +270,6 @@ def test_real_schedule_policy_loss_gradient_is_grad_of_full_loss(case, gloo_worl
     seed = 3200 + list(CASES).index(case)
     factory = factory_for(CASES[case], eps_clip=0.2, eps_clip_high=0.28, kl_coef=KL_COEF, entropy_coef=ENTROPY_COEF)
     mode, per_token = factory.aggregation, factory.config.calculate_per_token_loss
-    if mode == "trajectory_mean":
-        pytest.skip("the policy-loss reference aggregates pg_loss by prompt groups only")
     step = random_step(seed)
     batch = step_batch(step, mode)
     theta = torch.randn(FEATURES, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
@@ -297,7 +295,10 @@ def test_real_schedule_policy_loss_gradient_is_grad_of_full_loss(case, gloo_worl
     model, reports = run_schedule(gloo_world, config, step, theta, output, build, seed)
 
     param = theta.clone().requires_grad_(True)
-    expected = reference_policy_objective(step, param, inputs, mode)
+    if mode == "trajectory_mean":  # SPEC §2b: prompt_mean's formula over trajectories
+        expected = reference_policy_objective(step, param, inputs, "prompt_mean", pg_units=trajectories_of(step))
+    else:
+        expected = reference_policy_objective(step, param, inputs, mode)
     (expected_grad,) = torch.autograd.grad(expected["loss"], param)
     record_property("grad_relative_error", relative_error(model.theta.grad, expected_grad))
     assert_close(model.theta.grad, expected_grad, rel=REL)
