@@ -146,105 +146,105 @@ class LossConfig(BaseModel):
         return data
 
     @model_validator(mode="after")
-    def _constant_needs_divisor(self) -> Self:
+    def _rules(self) -> Self:
+        # Every rule runs, so that one message lists every problem, one line each (like RunConfig's rules).
+        problems = [message for rule in LOSS_RULES if (message := rule(self))]
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    def _constant_needs_divisor(self) -> str | None:
         if self.aggregation == "constant" and not _finite_positive(self.divisor):
-            raise ValueError(
+            return (
                 f"divisor: must be a finite number > 0 when aggregation=constant (got {self.divisor}); "
                 "set it to the generation budget, e.g. the rollout's max response length"
             )
-        return self
+        return None
 
-    @model_validator(mode="after")
-    def _divisor_only_with_constant(self) -> Self:
+    def _divisor_only_with_constant(self) -> str | None:
         if self.divisor is not None and self.aggregation != "constant":
-            raise ValueError(
+            return (
                 f"divisor: is only used by aggregation=constant, it would be ignored with "
                 f"aggregation={self.aggregation} (got {self.divisor}); remove it or set aggregation=constant"
             )
-        return self
+        return None
 
-    @model_validator(mode="after")
-    def _per_token_flag_keeps_mode(self) -> Self:
+    def _per_token_flag_keeps_mode(self) -> str | None:
         if self.calculate_per_token_loss and self.aggregation in ("constant", "prompt_mean", "trajectory_mean"):
-            raise ValueError(
+            return (
                 f"calculate_per_token_loss: Megatron would renormalise pg_loss by the token count and erase "
                 f"the {self.aggregation} denominators (got true with aggregation={self.aggregation}); "
                 "set calculate_per_token_loss=false"
             )
-        return self
+        return None
 
-    @model_validator(mode="after")
-    def _custom_reducer_alone(self) -> Self:
+    def _custom_reducer_alone(self) -> str | None:
         if self.custom_pg_reducer is not None and self.aggregation != "sample_mean":
-            raise ValueError(
+            return (
                 f"custom_pg_reducer: a custom pg reducer replaces the aggregation, so "
                 f"aggregation={self.aggregation} would be silently ignored (got {self.custom_pg_reducer!r}); "
                 "leave aggregation at sample_mean or drop custom_pg_reducer"
             )
-        return self
+        return None
 
-    @model_validator(mode="after")
-    def _custom_reducer_importable(self) -> Self:
+    def _custom_reducer_importable(self) -> str | None:
         if self.custom_pg_reducer is not None:
-            import_callable(self.custom_pg_reducer)  # fail at validation, not at the first step
-        return self
+            try:
+                import_callable(self.custom_pg_reducer)  # fail at validation, not at the first step
+            except ValueError as err:
+                return str(err)
+        return None
 
-    @model_validator(mode="after")
-    def _custom_reducer_without_flag(self) -> Self:
+    def _custom_reducer_without_flag(self) -> str | None:
         if self.custom_pg_reducer is not None and self.calculate_per_token_loss:
-            raise ValueError(
+            return (
                 "calculate_per_token_loss: would renormalise the custom pg reducer's weights by the token "
                 f"count (got true with custom_pg_reducer={self.custom_pg_reducer!r}); set it to false"
             )
-        return self
+        return None
 
-    @model_validator(mode="after")
-    def _sequence_ratio_needs_ppo_clip(self) -> Self:
+    def _sequence_ratio_needs_ppo_clip(self) -> str | None:
         if self.ratio_level == "sequence" and self.surrogate != "ppo_clip":
-            raise ValueError(
+            return (
                 f"ratio_level: the sequence ratio (GSPO) is defined for surrogate=ppo_clip only "
                 f"(got sequence with surrogate={self.surrogate}); set ratio_level=token or surrogate=ppo_clip"
             )
-        return self
+        return None
 
-    @model_validator(mode="after")
-    def _eps_clip_only_with_ppo_clip(self) -> Self:
+    def _eps_clip_only_with_ppo_clip(self) -> str | None:
         if self.eps_clip is not None and self.surrogate != "ppo_clip":
             uses = "truncates the IS weight at 1 + eps_clip_high only" if self.surrogate == "cispo" else "has no clip"
-            raise ValueError(
+            return (
                 f"eps_clip: {self.surrogate} {uses}, so the lower clip range would be ignored "
                 f"(got {self.eps_clip}); remove it or set surrogate=ppo_clip"
             )
-        return self
+        return None
 
-    @model_validator(mode="after")
-    def _eps_clip_high_not_with_sapo(self) -> Self:
+    def _eps_clip_high_not_with_sapo(self) -> str | None:
         if self.eps_clip_high is not None and self.surrogate == "sapo":
-            raise ValueError(
+            return (
                 f"eps_clip_high: sapo has no clip (a soft gate with sapo_tau_pos / sapo_tau_neg), so it would be "
                 f"ignored (got {self.eps_clip_high}); remove it or set surrogate=ppo_clip or cispo"
             )
-        return self
+        return None
 
-    @model_validator(mode="after")
-    def _dual_clip_only_with_ppo_clip(self) -> Self:
+    def _dual_clip_only_with_ppo_clip(self) -> str | None:
         if self.eps_clip_c is not None and self.surrogate != "ppo_clip":
-            raise ValueError(
+            return (
                 f"eps_clip_c: the dual clip belongs to ppo_clip and would be ignored with surrogate={self.surrogate} "
                 f"(got {self.eps_clip_c}); remove it or set surrogate=ppo_clip"
             )
-        return self
+        return None
 
-    @model_validator(mode="after")
-    def _sapo_temperatures_only_with_sapo(self) -> Self:
+    def _sapo_temperatures_only_with_sapo(self) -> str | None:
         for name in ("sapo_tau_pos", "sapo_tau_neg"):
             value = getattr(self, name)
             if value is not None and self.surrogate != "sapo":
-                raise ValueError(
+                return (
                     f"{name}: is only used by surrogate=sapo, it would be ignored with surrogate={self.surrogate} "
                     f"(got {value}); remove it or set surrogate=sapo"
                 )
-        return self
+        return None
 
     @property
     def clip_low(self) -> float:
@@ -265,3 +265,19 @@ class LossConfig(BaseModel):
     def tau_neg(self) -> float:
         """SAPO's temperature for zero or negative advantages: sapo_tau_neg, or 1.05 when unset."""
         return DEFAULT_SAPO_TAU_NEG if self.sapo_tau_neg is None else self.sapo_tau_neg
+
+
+LOSS_RULES = (
+    LossConfig._constant_needs_divisor,
+    LossConfig._divisor_only_with_constant,
+    LossConfig._per_token_flag_keeps_mode,
+    LossConfig._custom_reducer_alone,
+    LossConfig._custom_reducer_importable,
+    LossConfig._custom_reducer_without_flag,
+    LossConfig._sequence_ratio_needs_ppo_clip,
+    LossConfig._eps_clip_only_with_ppo_clip,
+    LossConfig._eps_clip_high_not_with_sapo,
+    LossConfig._dual_clip_only_with_ppo_clip,
+    LossConfig._sapo_temperatures_only_with_sapo,
+)
+"""LossConfig's cross-field rules, one named method each: a rule returns its problem line, or None."""

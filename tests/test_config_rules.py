@@ -88,8 +88,14 @@ def test_prompt_mean_with_several_steps_per_rollout_is_rejected():
 
 
 def test_custom_reducer_with_non_default_aggregation_is_rejected():
-    line = only_problem("loss=dapo", "loss.custom_pg_reducer=tests.custom_weights:double_sample_mean")
+    line = only_problem("loss=scalerl", "loss.custom_pg_reducer=tests.custom_weights:double_sample_mean")
     assert line.startswith("loss.custom_pg_reducer: a custom pg reducer replaces the aggregation")
+
+
+def test_every_broken_loss_rule_is_listed_at_once():
+    # dapo's token_mean sets Megatron's per-token flag: a custom reducer then breaks two rules, both reported
+    problems = problems_of("loss=dapo", "loss.custom_pg_reducer=tests.custom_weights:double_sample_mean")
+    assert [p.split(":")[0] for p in problems] == ["loss.custom_pg_reducer", "loss.calculate_per_token_loss"]
 
 
 def test_custom_reducer_that_does_not_import_is_rejected():

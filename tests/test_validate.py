@@ -122,9 +122,9 @@ RULE_CASES = {
         "set calculate_per_token_loss=false",
     ),
     "_custom_reducer_alone": (
-        ["loss=dapo", f"loss.custom_pg_reducer={CUSTOM}"],
+        ["loss=grpo", "loss.aggregation=prompt_mean", f"loss.custom_pg_reducer={CUSTOM}"],
         f"loss.custom_pg_reducer={CUSTOM}: loss.custom_pg_reducer: a custom pg reducer replaces the aggregation, so "
-        f"aggregation=token_mean would be silently ignored (got '{CUSTOM}'); "
+        f"aggregation=prompt_mean would be silently ignored (got '{CUSTOM}'); "
         "leave aggregation at sample_mean or drop custom_pg_reducer",
     ),
     "_custom_reducer_importable": (
@@ -168,8 +168,10 @@ RELABELLING_RULES = {"_per_token_flag_is_token_mean"}
 
 
 def test_every_cross_field_rule_has_a_case():
-    rules = set(LossConfig.__pydantic_decorators__.model_validators)
-    missing = rules - RULE_CASES.keys() - RELABELLING_RULES
+    from rl_loss.config import LOSS_RULES
+
+    rules = {rule.__name__ for rule in LOSS_RULES} | set(LossConfig.__pydantic_decorators__.model_validators)
+    missing = rules - RULE_CASES.keys() - RELABELLING_RULES - {"_rules"}
     assert not missing, f"add a rl-loss-validate case to RULE_CASES for LossConfig's new rule(s): {sorted(missing)}"
 
 
@@ -177,6 +179,14 @@ def test_every_cross_field_rule_has_a_case():
 def test_cross_field_rule_gives_one_line(capsys, rule):
     overrides, line = RULE_CASES[rule]
     assert only_problem(capsys, *overrides) == line
+
+
+def test_every_broken_rule_is_reported_at_once(capsys):
+    # sapo with a dual clip and a sequence ratio breaks two rules: both lines come in one run, not one per fix
+    code = main(["loss=sapo", "loss.eps_clip_c=3", "loss.ratio_level=sequence"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert [line.split(": ")[1] for line in lines] == ["loss.ratio_level", "loss.eps_clip_c"]
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])
@@ -301,7 +311,7 @@ def test_file_problems_follow_its_lines(capsys, tmp_path):
 
 
 def test_override_applied_to_a_file_is_named_for_its_problem(capsys, tmp_path):
-    path = write(tmp_path, "aggregation: token_mean\n")
+    path = write(tmp_path, "aggregation: prompt_mean\n")
     line = only_problem(capsys, path, f"loss.custom_pg_reducer={CUSTOM}")
     assert line.startswith(f"loss.custom_pg_reducer={CUSTOM}: loss.custom_pg_reducer: a custom pg reducer replaces")
 
