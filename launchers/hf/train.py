@@ -164,6 +164,12 @@ def _trainer(config: RunConfig, args: Any, metrics: MetricsCallback) -> Any:
     )
     for printer in (PrinterCallback, ProgressCallback):  # the launcher's own progress display replaces them
         trainer.remove_callback(printer)
+    if config.progress != "bar":  # no tqdm bars of checkpoint writes between plain log lines
+        from huggingface_hub.utils import disable_progress_bars
+        from transformers.utils import logging as hf_logging
+
+        disable_progress_bars()
+        hf_logging.disable_progress_bar()
     if trainer.is_world_process_zero():
         log.info("task: %s", task.describe())
     return trainer
