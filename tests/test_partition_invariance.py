@@ -32,6 +32,8 @@ from rl_loss import (
     local_response_ranges,
 )
 
+pytestmark = pytest.mark.usefixtures("single_intra_op_thread")
+
 FORMATS = ("thd", "bshd")
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5}
 PROPERTY_SETTINGS = settings(
@@ -43,16 +45,6 @@ PROPERTY_SETTINGS = settings(
 # module-level record of what the property tests saw (printed by the last test of this file)
 EXAMPLES: Counter[str] = Counter()
 MAX_ERROR: dict[str, float] = {}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_intra_op_thread():
-    # The tensors here are tiny; torch's intra-op thread pool only adds latency (on a busy 2-core
-    # machine a parallel repeat_interleave takes milliseconds instead of microseconds).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def record(test: str, errors: dict[str, float]) -> None:

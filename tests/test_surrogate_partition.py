@@ -33,6 +33,8 @@ from tests.test_partition_invariance import (
     reference_objective,
 )
 
+pytestmark = pytest.mark.usefixtures("single_intra_op_thread")
+
 # surrogate variant -> LossConfig fields. GSPO's ranges are narrow so that sequence ratios of random
 # log-ratios in [-0.5, 0.5] (their mean shrinks with length) still clip.
 VARIANTS = {
@@ -50,14 +52,6 @@ GSPO_SETTINGS = settings(
 
 EXAMPLES: Counter[str] = Counter()
 MAX_ERROR: dict[str, float] = {}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_intra_op_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def record(test: str, errors: dict[str, float]) -> None:
