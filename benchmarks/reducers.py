@@ -25,8 +25,6 @@ Usage: ``python -m benchmarks.reducers [--quick] [--tokens N] [--repeats K] [--s
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -34,6 +32,7 @@ from typing import Any
 
 import torch
 
+from benchmarks._cli import FullRun, add_common_arguments, finish_common_arguments, run_benchmark
 from benchmarks._harness import (
     MEMORY_METHOD,
     Comparison,
@@ -50,10 +49,7 @@ from rl_loss import AGGREGATIONS, LossConfig, ReducerFactory, StepBatch
 REDUCER_TARGET = 1.2  # reducer fwd+bwd / floor fwd+bwd, every mode
 BUILD_TARGET = 10.0  # step weights build / floor fwd+bwd
 SECTIONS = ("reducer", "cold", "build")
-
-
-def _csv_ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v.strip()]
+FULL_RUN = FullRun(repeats=200, warmup=5)
 
 
 def _csv(text: str) -> list[str]:
@@ -62,25 +58,10 @@ def _csv(text: str) -> list[str]:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.reducers", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="short run on small sizes (smoke test)")
-    parser.add_argument("--tokens", type=int, default=None, help="response tokens per step (default 2**20; quick 2048)")
-    parser.add_argument(
-        "--repeats", type=int, default=None, help="interleaved pairs per comparison (default 200; quick 5)"
-    )
-    parser.add_argument("--samples", type=_csv_ints, default=None, help="sample counts (default 64,4096; quick 4,16)")
-    parser.add_argument("--cp-sizes", type=_csv_ints, default=[1, 2], help="CP sizes, reducer of rank 0 (default 1,2)")
+    add_common_arguments(parser, FULL_RUN)
     parser.add_argument("--modes", type=_csv, default=list(AGGREGATIONS), help="aggregation modes (default all)")
     parser.add_argument("--sections", type=_csv, default=list(SECTIONS), help="reducer,cold,build (default all)")
-    parser.add_argument(
-        "--max-seconds", type=float, default=None, help="time cap per comparison (default 4; quick 0.05)"
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--threads", type=int, default=None, help="torch threads for the run (default: as the process has)"
-    )
-    parser.add_argument("--json", metavar="PATH", default=None, help="also write every figure as JSON")
     parser.add_argument("--profile", action="store_true", help="append per-op profiles of a build and a construction")
-    parser.add_argument("--strict", action="store_true", help="exit 1 when a target fails")
     args = parser.parse_args(argv)
     for mode in args.modes:
         if mode not in AGGREGATIONS:
@@ -88,19 +69,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     for section in args.sections:
         if section not in SECTIONS:
             parser.error(f"--sections: unknown section {section!r} (choose from {', '.join(SECTIONS)})")
-    if args.threads is not None and args.threads < 1:
-        parser.error("--threads must be >= 1")
-    if any(cp < 1 for cp in args.cp_sizes):
-        parser.error("--cp-sizes must be >= 1")
-    quick = args.quick
-    args.tokens = args.tokens or (2048 if quick else 1 << 20)
-    args.repeats = args.repeats or (5 if quick else 200)
-    args.samples = args.samples or ([4, 16] if quick else [64, 4096])
-    args.max_seconds = args.max_seconds if args.max_seconds is not None else (0.05 if quick else 4.0)
-    args.warmup = 1 if quick else 5
-    args.min_pairs = 3 if quick else 15
-    if any(n < 1 or n > args.tokens for n in args.samples):
-        parser.error(f"--samples must be between 1 and --tokens={args.tokens}")
+    finish_common_arguments(parser, args, FULL_RUN)
     return args
 
 
@@ -573,22 +542,7 @@ def render(results: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    threads = torch.get_num_threads()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    try:
-        results = run(args, log=lambda text: print(text, file=sys.stderr, flush=True))
-    finally:
-        torch.set_num_threads(threads)  # the smoke test runs inside a pytest process
-    sys.stdout.write(render(results))
-    sys.stdout.flush()
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(results, fh, indent=1, default=str)
-    if args.strict and not all(t["pass"] for t in results["targets"]):
-        return 1
-    return 0
+    return run_benchmark(parse_args(argv), run, render, passed=lambda results: all(t["pass"] for t in results["targets"]))
 
 
 if __name__ == "__main__":

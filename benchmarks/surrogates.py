@@ -21,20 +21,20 @@ Usage: ``python -m benchmarks.surrogates [--quick] [--tokens N] [--repeats K] [-
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
+from benchmarks._cli import FullRun, add_common_arguments, finish_common_arguments, run_benchmark
 from benchmarks._harness import compare, load_average, machine_facts
 from benchmarks._workload import make_workload
 from rl_loss import LossConfig, ReducerFactory, StepBatch
 from rl_loss.surrogates import per_token_pg_loss
 
 SEQUENCE_TARGET = 1.5  # sequence ratio fwd+bwd / ppo_clip fwd+bwd
+FULL_RUN = FullRun(repeats=60, warmup=3)
 VARIANTS: dict[str, dict[str, Any]] = {
     "ppo_clip": {},
     "cispo": {"surrogate": "cispo"},
@@ -43,36 +43,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-def _csv_ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v.strip()]
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.surrogates", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="short run on small sizes (smoke test)")
-    parser.add_argument("--tokens", type=int, default=None, help="response tokens per step (default 2**20; quick 2048)")
-    parser.add_argument("--repeats", type=int, default=None, help="interleaved pairs per comparison (default 60)")
-    parser.add_argument("--samples", type=_csv_ints, default=None, help="sample counts (default 64,4096; quick 4,16)")
-    parser.add_argument("--cp-sizes", type=_csv_ints, default=[1, 2], help="CP sizes, rank 0 (default 1,2)")
-    parser.add_argument("--max-seconds", type=float, default=None, help="time cap per comparison (default 4)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: as the process has)")
-    parser.add_argument("--json", metavar="PATH", default=None, help="also write every figure as JSON")
-    parser.add_argument("--strict", action="store_true", help="exit 1 when the target fails")
+    add_common_arguments(parser, FULL_RUN)
     args = parser.parse_args(argv)
-    if args.threads is not None and args.threads < 1:
-        parser.error("--threads must be >= 1")
-    if any(cp < 1 for cp in args.cp_sizes):
-        parser.error("--cp-sizes must be >= 1")
-    quick = args.quick
-    args.tokens = args.tokens or (2048 if quick else 1 << 20)
-    args.repeats = args.repeats or (5 if quick else 60)
-    args.samples = args.samples or ([4, 16] if quick else [64, 4096])
-    args.max_seconds = args.max_seconds if args.max_seconds is not None else (0.05 if quick else 4.0)
-    args.warmup = 1 if quick else 3
-    args.min_pairs = 3 if quick else 15
-    if any(n < 1 or n > args.tokens for n in args.samples):
-        parser.error(f"--samples must be between 1 and --tokens={args.tokens}")
+    finish_common_arguments(parser, args, FULL_RUN)
     return args
 
 
@@ -171,20 +146,7 @@ def render(results: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    threads = torch.get_num_threads()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    try:
-        results = run(args, log=lambda text: print(text, file=sys.stderr, flush=True))
-    finally:
-        torch.set_num_threads(threads)
-    sys.stdout.write(render(results))
-    sys.stdout.flush()
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(results, fh, indent=1, default=str)
-    return 1 if args.strict and not results["target"]["pass"] else 0
+    return run_benchmark(parse_args(argv), run, render, passed=lambda results: results["target"]["pass"])
 
 
 if __name__ == "__main__":

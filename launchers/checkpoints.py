@@ -22,11 +22,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import pickle
 import re
 import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +32,7 @@ from typing import Any
 
 import torch
 
-from launchers.run_io import CHECKPOINT_DIR, save_atomic
+from launchers.run_io import CHECKPOINT_DIR, atomic_write, save_atomic
 
 log = logging.getLogger("launchers.train")
 
@@ -76,16 +74,8 @@ def write_checksum(path: Path) -> Path:
     """Write ``<path>.sha256`` (``sha256sum`` format) atomically, after ``path`` is complete."""
     text = "".join(f"{_sha256(member)}  {name}\n" for name, member in _members(path))
     target = checksum_path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(target) as f:
+        f.write(text)
     return target
 
 

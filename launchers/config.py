@@ -207,6 +207,10 @@ class RunConfig(BaseModel):
         """Optimizer steps taken on each rollout."""
         return self.rollout_samples // self.trainer.global_batch_size
 
+    def whole_rollouts(self, steps: int) -> bool:
+        """Do ``steps`` optimizer steps end between two rollouts (a multiple of :attr:`steps_per_rollout`)?"""
+        return not self.steps_per_rollout or steps % self.steps_per_rollout == 0
+
     @model_validator(mode="after")
     def _cross_section_rules(self, info: ValidationInfo) -> Self:
         # Every rule runs so that one message lists every problem, one line each.
@@ -281,7 +285,7 @@ def _cp_divides_world(cfg: RunConfig, world_size: int) -> str | None:
 
 
 def _whole_rollouts(cfg: RunConfig, world_size: int) -> str | None:
-    if cfg.steps_per_rollout and cfg.trainer.max_steps % cfg.steps_per_rollout:
+    if not cfg.whole_rollouts(cfg.trainer.max_steps):
         return (
             f"trainer.max_steps: must be a multiple of the {cfg.steps_per_rollout} optimizer steps per rollout "
             f"(got {cfg.trainer.max_steps})"

@@ -17,7 +17,7 @@ from typing import Any
 
 from omegaconf import OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from launchers.conf_store import GROUP_SECTIONS, is_schema_node, register_configs, section_options
 from launchers.config import RunConfig
@@ -76,20 +76,9 @@ def field_names(loc: list[str]) -> list[str]:
     A group section (``backend``, ``model``) offers the fields of every one of its options.
     """
     if len(loc) == 1 and loc[0] in GROUP_SECTIONS:
-        return sorted({name for option in section_options(loc[0]).values() for name in field_names_of(option)})
-    model: type[BaseModel] = RunConfig
-    for part in loc:
-        field = model.model_fields.get(part)
-        annotation = getattr(field, "annotation", None)
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return []
-        model = annotation
-    return field_names_of(model)
-
-
-def field_names_of(model: type[BaseModel]) -> list[str]:
-    """Field names (aliases where set) of one model."""
-    return [f.alias or name for name, f in model.model_fields.items()]
+        options = section_options(loc[0]).values()
+        return sorted({name for option in options for name in config_errors.field_names(option, [])})
+    return config_errors.field_names(RunConfig, loc)
 
 
 def _hydra_error_lines(err: Exception, override: str | None = None) -> list[str]:

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,6 +31,7 @@ import torch
 from launchers.checkpoints import has_checkpoints
 from launchers.config import RunConfig
 from launchers.recipe import changes, config_tree, run_invariant
+from launchers.run_io import atomic_write
 from launchers.run_lock import (
     LOCK_NAME,
     RunFolderBusy,
@@ -150,17 +149,9 @@ def decide(config: RunConfig, run_dir: Path) -> Verdict:
 
 def write_run_config(run_dir: Path, content: dict[str, Any]) -> None:
     """Write ``run_config.json`` atomically."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{RUN_CONFIG}.", suffix=".tmp", dir=run_dir)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(content, f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, run_dir / RUN_CONFIG)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(run_dir / RUN_CONFIG) as f:
+        json.dump(content, f, indent=1)
+        f.write("\n")
 
 
 @dataclass

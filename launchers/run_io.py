@@ -10,8 +10,10 @@ import random
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
@@ -20,22 +22,33 @@ log = logging.getLogger("launchers.train")
 CHECKPOINT_DIR = "checkpoints"
 
 
-def save_atomic(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
+@contextmanager
+def atomic_write(path: Path, mode: str = "w") -> Iterator[IO[Any]]:
+    """Write ``path`` through a temporary file in the same folder: on success fsync, then rename over ``path``.
 
-    A crash or Ctrl-C mid-write leaves the previous checkpoint intact: the rename is atomic on POSIX.
+    A crash or Ctrl-C mid-write leaves the previous file intact (the rename is atomic on POSIX) and
+    removes the temporary file.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, mode) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """``torch.save`` to ``path`` with :func:`atomic_write`, creating its folder.
+
+    A crash or Ctrl-C mid-write leaves the previous checkpoint intact: the rename is atomic on POSIX.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def checkpoint_path(run_dir: Path, step: int) -> Path:

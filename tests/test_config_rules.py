@@ -142,6 +142,12 @@ def test_global_batch_must_divide_rollout():
     assert line.startswith("trainer.global_batch_size: 128 samples per rollout")
 
 
+def test_max_steps_must_be_whole_rollouts():
+    # 16 prompts x 8 samples = 128 per rollout in steps of 64: 2 steps per rollout, so step 301 ends mid-rollout
+    line = only_problem("trainer.global_batch_size=64", "trainer.max_steps=301")
+    assert line == "trainer.max_steps: must be a multiple of the 2 optimizer steps per rollout (got 301)"
+
+
 def test_micro_batch_must_divide_step_per_dp_rank():
     line = only_problem("trainer.micro_batch_size=48", world_size=1)
     assert line.startswith("trainer.micro_batch_size: a step of 128 samples over 1 DP rank(s)")

@@ -227,6 +227,27 @@ def relative_error(actual: Tensor, expected: Tensor) -> float:
     return float(torch.linalg.vector_norm(actual - expected) / torch.linalg.vector_norm(expected))
 
 
+def token_losses(step: Step) -> Callable[[Tensor, MicroBatch], Tensor]:
+    """The model output of a micro-batch: the toy per-token losses of its samples, in its order."""
+
+    def output(param, mb):
+        return torch.cat([toy_token_loss(step.features[i], param) for i in mb.samples])
+
+    return output
+
+
+def pg_loss_funcs(factory: ReducerFactory, batch: StepBatch, config) -> Callable[[MicroBatch], Callable]:
+    """The adapter's pg ``loss_func`` of each micro-batch, under Megatron config ``config``."""
+
+    def build(mb):
+        return adapter.megatron_loss_func(
+            factory, batch, sample_indices=mb.samples, num_microbatches=NUM_MICROBATCHES, dp_cp_size=1,
+            megatron_config=config,
+        )
+
+    return build
+
+
 # --- the tests --------------------------------------------------------------------------------------------------
 
 
@@ -245,16 +266,8 @@ def test_real_schedule_gradient_is_grad_of_step_objective(case, gloo_world, accu
     theta = torch.randn(FEATURES, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     config = megatron_config(per_token)
 
-    def output(param, mb):
-        return torch.cat([toy_token_loss(step.features[i], param) for i in mb.samples])
-
-    def build(mb):
-        return adapter.megatron_loss_func(
-            factory, batch, sample_indices=mb.samples, num_microbatches=NUM_MICROBATCHES, dp_cp_size=1,
-            megatron_config=config,
-        )
-
-    model, reports = run_schedule(gloo_world, config, step, theta, output, build, seed)
+    model, reports = run_schedule(gloo_world, config, step, theta, token_losses(step),
+                                  pg_loss_funcs(factory, batch, config), seed)
 
     param = theta.clone().requires_grad_(True)
     expected = objective([toy_token_loss(f, param) for f in step.features], step, mode)
@@ -312,21 +325,15 @@ def test_disagreeing_megatron_flag_raises_at_the_first_micro_batch(case, gloo_wo
     step = random_step(3300)
     batch = step_batch(step, factory.aggregation)
     config = megatron_config(not factory.config.calculate_per_token_loss)
-    calls = []
+    build, calls = pg_loss_funcs(factory, batch, config), []
 
-    def build(mb):
+    def counted(mb):
         calls.append(mb)
-        return adapter.megatron_loss_func(
-            factory, batch, sample_indices=mb.samples, num_microbatches=NUM_MICROBATCHES, dp_cp_size=1,
-            megatron_config=config,
-        )
-
-    def output(param, mb):
-        return torch.cat([toy_token_loss(step.features[i], param) for i in mb.samples])
+        return build(mb)
 
     theta = torch.ones(FEATURES, dtype=torch.float64)
     with pytest.raises(ValueError, match="calculate_per_token_loss: Megatron's config has"):
-        run_schedule(gloo_world, config, step, theta, output, build, seed=3300)
+        run_schedule(gloo_world, config, step, theta, token_losses(step), counted, seed=3300)
     assert len(calls) == 1  # the first micro-batch, before any backward
 
 
@@ -342,16 +349,8 @@ def test_unchecked_token_mean_under_a_config_without_the_flag_trains_on_a_wrong_
     theta = torch.randn(FEATURES, generator=torch.Generator().manual_seed(3400), dtype=torch.float64)
     config = megatron_config(False)
 
-    def output(param, mb):
-        return torch.cat([toy_token_loss(step.features[i], param) for i in mb.samples])
-
-    def build(mb):
-        return adapter.megatron_loss_func(
-            factory, batch, sample_indices=mb.samples, num_microbatches=NUM_MICROBATCHES, dp_cp_size=1,
-            megatron_config=config,
-        )
-
-    model, _ = run_schedule(gloo_world, config, step, theta, output, build, seed=3400)
+    model, _ = run_schedule(gloo_world, config, step, theta, token_losses(step),
+                            pg_loss_funcs(factory, batch, config), seed=3400)
     param = theta.clone().requires_grad_(True)
     (expected_grad,) = torch.autograd.grad(objective([toy_token_loss(f, param) for f in step.features], step,
                                                      "token_mean"), param)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -32,6 +32,8 @@ from rl_loss import (
     local_response_ranges,
 )
 
+pytestmark = pytest.mark.usefixtures("single_intra_op_thread")
+
 FORMATS = ("thd", "bshd")
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5}
 PROPERTY_SETTINGS = settings(
@@ -40,25 +42,29 @@ PROPERTY_SETTINGS = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 
-# module-level record of what the property tests saw (printed by the last test of this file)
-EXAMPLES: Counter[str] = Counter()
-MAX_ERROR: dict[str, float] = {}
+
+@dataclass
+class Seen:
+    """What a module's property tests saw (printed by its last test): examples per test, largest error per key."""
+
+    examples: Counter[str] = field(default_factory=Counter)
+    max_error: dict[str, float] = field(default_factory=dict)
+
+    def record(self, test: str, errors: dict[str, float]) -> None:
+        self.examples[test] += 1
+        for key, value in errors.items():
+            self.max_error[key] = max(self.max_error.get(key, 0.0), value)
+
+    def summary(self, label: str) -> str:
+        return (
+            f"\n[{label}] {sum(self.examples.values())} examples: "
+            + ", ".join(f"{k}={v}" for k, v in sorted(self.examples.items()))
+            + f"\n[{label}] max relative error: "
+            + ", ".join(f"{k}={v:.3g}" for k, v in sorted(self.max_error.items()))
+        )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_intra_op_thread():
-    # The tensors here are tiny; torch's intra-op thread pool only adds latency (on a busy 2-core
-    # machine a parallel repeat_interleave takes milliseconds instead of microseconds).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def record(test: str, errors: dict[str, float]) -> None:
-    EXAMPLES[test] += 1
-    for key, value in errors.items():
-        MAX_ERROR[key] = max(MAX_ERROR.get(key, 0.0), value)
+SEEN = Seen()  # this module's record
 
 
 # --- random steps and partitions ---------------------------------------------------------------------
@@ -260,7 +266,7 @@ def test_partials_over_micro_batches_dp_and_cp_sum_to_step_objective(mode, qkv_f
         assert got.dtype == dtype
         errors[f"objective_{dtype}"] = objective_error(got, want)
         assert errors[f"objective_{dtype}"] <= TOLERANCE[dtype], (mode, dtype, float(got.detach()), float(want))
-    record(f"objective[{mode}-{qkv_format}]", errors)
+    SEEN.record(f"objective[{mode}-{qkv_format}]", errors)
 
 
 @pytest.mark.parametrize("qkv_format", FORMATS)
@@ -281,7 +287,7 @@ def test_partial_gradients_over_micro_batches_dp_and_cp_sum_to_step_gradient(mod
         (got,) = torch.autograd.grad(sum_of_partials(pieces, values), values)
         errors[f"gradient_{dtype}"] = gradient_error(got, want)
         assert errors[f"gradient_{dtype}"] <= TOLERANCE[dtype], (mode, dtype)
-    record(f"gradient[{mode}-{qkv_format}]", errors)
+    SEEN.record(f"gradient[{mode}-{qkv_format}]", errors)
 
 
 @pytest.mark.parametrize("qkv_format", FORMATS)
@@ -297,7 +303,7 @@ def test_metric_partials_sum_to_step_sample_mean_in_every_mode(qkv_format, data)
     values = case.values(torch.float64)
     error = objective_error(sum_of_partials(pieces, values), reference_objective(values, case, "sample_mean"))
     assert error <= TOLERANCE[torch.float64], mode
-    record(f"metric[{qkv_format}]", {"metric_objective_torch.float64": error})
+    SEEN.record(f"metric[{qkv_format}]", {"metric_objective_torch.float64": error})
 
 
 @pytest.mark.parametrize("qkv_format", FORMATS)
@@ -316,7 +322,7 @@ def test_trajectory_mean_with_one_sample_per_trajectory_equals_sample_mean(qkv_f
     for (trajectory_reducer, index), (sample_reducer, _) in zip(by_trajectory, by_sample, strict=True):
         assert torch.equal(trajectory_reducer.weights(), sample_reducer.weights())
         assert float(trajectory_reducer(values[index])) == float(sample_reducer(values[index]))
-    record(f"trajectory_is_sample_mean[{qkv_format}]", {})
+    SEEN.record(f"trajectory_is_sample_mean[{qkv_format}]", {})
 
 
 @st.composite
@@ -342,7 +348,7 @@ def test_cp_ranges_tile_the_response_exactly_once_over_ranks(layout):
             for t in range(start, end):
                 covered[t] += 1
     assert covered == [1] * response
-    EXAMPLES["cp_ranges_tile"] += 1
+    SEEN.examples["cp_ranges_tile"] += 1
 
 
 # --- hand-worked CP layouts ----------------------------------------------------------------------------
@@ -394,14 +400,9 @@ def test_reducer_reads_local_values_in_the_layout_order():
 
 def test_property_summary_reports_examples_and_largest_errors(capsys):
     """Prints the hypothesis example counts and the largest relative errors of this file's properties."""
-    if not EXAMPLES:
+    if not SEEN.examples:
         pytest.skip("the property tests of this module did not run in this session")
-    for key, value in MAX_ERROR.items():
+    for key, value in SEEN.max_error.items():
         assert value <= TOLERANCE[torch.float32 if "float32" in key else torch.float64], key
     with capsys.disabled():
-        print(
-            f"\n[partition invariance] {sum(EXAMPLES.values())} examples: "
-            + ", ".join(f"{k}={v}" for k, v in sorted(EXAMPLES.items()))
-            + "\n[partition invariance] max relative error: "
-            + ", ".join(f"{k}={v:.3g}" for k, v in sorted(MAX_ERROR.items()))
-        )
+        print(SEEN.summary("partition invariance"))

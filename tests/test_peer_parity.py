@@ -34,20 +34,14 @@ from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
 from rl_loss import EmptyStepWarning, LossConfig, ReducerFactory, StepBatch, clipped_pg_loss, policy_loss
 
+pytestmark = pytest.mark.usefixtures("single_intra_op_thread")
+
 # liger's log-probs are float32: ~1e-7 relative per token; the objective and its gradient sum many of them
 TOLERANCE = 1e-5
 MAX_COMPLETION_LENGTH = 16  # TRL's max_completion_length: the padded width W never exceeds it
 PARITY_SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 MAX_ERROR: dict[str, float] = {}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_intra_op_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # --- one step of samples, as both sides see it ---------------------------------------------------------

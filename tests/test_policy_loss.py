@@ -29,7 +29,8 @@ def t64(values):
     return torch.tensor(values, dtype=torch.float64)
 
 
-def reducers(response_lengths, config, masks=None):
+def reducers(response_lengths, config, masks=None, **layout):
+    """(pg, metric) reducers of a one-token-prompt step (every token active unless ``masks`` say otherwise)."""
     masks = masks if masks is not None else [[1] * r for r in response_lengths]
     step = StepBatch(
         response_lengths=response_lengths,
@@ -37,7 +38,7 @@ def reducers(response_lengths, config, masks=None):
         loss_masks=[torch.tensor(m, dtype=torch.float64) for m in masks],
     )
     factory = ReducerFactory(config)
-    return factory.pg_reducer(step), factory.metric_reducer(step)
+    return factory.pg_reducer(step, **layout), factory.metric_reducer(step, **layout)
 
 
 def token_mean_config(**fields):

@@ -14,7 +14,6 @@ Run with ``-s`` for the example counts and the largest relative errors.
 from __future__ import annotations
 
 import warnings
-from collections import Counter
 
 import pytest
 import torch
@@ -26,12 +25,15 @@ from tests.test_partition_invariance import (
     FORMATS,
     TOLERANCE,
     Case,
+    Seen,
     gradient_error,
     local_index,
     objective_error,
     partitioned_steps,
     reference_objective,
 )
+
+pytestmark = pytest.mark.usefixtures("single_intra_op_thread")
 
 # surrogate variant -> LossConfig fields. GSPO's ranges are narrow so that sequence ratios of random
 # log-ratios in [-0.5, 0.5] (their mean shrinks with length) still clip.
@@ -48,22 +50,7 @@ GSPO_SETTINGS = settings(
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
 )
 
-EXAMPLES: Counter[str] = Counter()
-MAX_ERROR: dict[str, float] = {}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_intra_op_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def record(test: str, errors: dict[str, float]) -> None:
-    EXAMPLES[test] += 1
-    for key, value in errors.items():
-        MAX_ERROR[key] = max(MAX_ERROR.get(key, 0.0), value)
+SEEN = Seen()  # this module's record
 
 
 def config_for(variant: str, mode: str, case: Case) -> LossConfig:
@@ -178,7 +165,7 @@ def test_surrogate_partials_sum_to_the_step_loss_in_every_mode(variant, qkv_form
     case = data.draw(partitioned_steps(qkv_format))
     mode = data.draw(st.sampled_from(AGGREGATIONS), label="aggregation")
     errors = check_objective(case, config_for(variant, mode, case), mode)
-    record(f"objective[{variant}-{qkv_format}]", {f"{variant}_{k}": v for k, v in errors.items()})
+    SEEN.record(f"objective[{variant}-{qkv_format}]", {f"{variant}_{k}": v for k, v in errors.items()})
 
 
 @pytest.mark.parametrize("qkv_format", FORMATS)
@@ -189,7 +176,7 @@ def test_surrogate_partial_gradients_sum_to_the_step_gradient_in_every_mode(vari
     case = data.draw(partitioned_steps(qkv_format))
     mode = data.draw(st.sampled_from(AGGREGATIONS), label="aggregation")
     errors = check_gradient(case, config_for(variant, mode, case), mode)
-    record(f"gradient[{variant}-{qkv_format}]", {f"{variant}_{k}": v for k, v in errors.items()})
+    SEEN.record(f"gradient[{variant}-{qkv_format}]", {f"{variant}_{k}": v for k, v in errors.items()})
 
 
 # --- GSPO under CP 1-8, more examples ---------------------------------------------------------------------------
@@ -201,7 +188,7 @@ def test_surrogate_partial_gradients_sum_to_the_step_gradient_in_every_mode(vari
 def test_gspo_sequence_ratio_is_exact_under_every_partition(qkv_format, data):
     case = data.draw(partitioned_steps(qkv_format))
     errors = check_objective(case, config_for("gspo", "sample_mean", case), "sample_mean")
-    record(f"gspo_cp_objective[{qkv_format}]", {f"gspo_cp_{k}": v for k, v in errors.items()})
+    SEEN.record(f"gspo_cp_objective[{qkv_format}]", {f"gspo_cp_{k}": v for k, v in errors.items()})
 
 
 @pytest.mark.parametrize("qkv_format", FORMATS)
@@ -210,19 +197,14 @@ def test_gspo_sequence_ratio_is_exact_under_every_partition(qkv_format, data):
 def test_gspo_gradient_crosses_cp_ranks_exactly(qkv_format, data):
     case = data.draw(partitioned_steps(qkv_format))
     errors = check_gradient(case, config_for("gspo", "sample_mean", case), "sample_mean")
-    record(f"gspo_cp_gradient[{qkv_format}]", {f"gspo_cp_{k}": v for k, v in errors.items()})
+    SEEN.record(f"gspo_cp_gradient[{qkv_format}]", {f"gspo_cp_{k}": v for k, v in errors.items()})
 
 
 def test_property_summary_reports_examples_and_largest_errors(capsys):
     """Prints the example counts and the largest relative errors of this file's properties."""
-    if not EXAMPLES:
+    if not SEEN.examples:
         pytest.skip("the property tests of this module did not run in this session")
-    for key, value in MAX_ERROR.items():
+    for key, value in SEEN.max_error.items():
         assert value <= TOLERANCE[torch.float32 if "float32" in key else torch.float64], key
     with capsys.disabled():
-        print(
-            f"\n[surrogate partition] {sum(EXAMPLES.values())} examples: "
-            + ", ".join(f"{k}={v}" for k, v in sorted(EXAMPLES.items()))
-            + "\n[surrogate partition] max relative error: "
-            + ", ".join(f"{k}={v:.3g}" for k, v in sorted(MAX_ERROR.items()))
-        )
+        print(SEEN.summary("surrogate partition"))

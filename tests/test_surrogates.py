@@ -14,12 +14,7 @@ import torch
 
 from rl_loss import LossConfig, ReducerFactory, RelabelNotice, StepBatch, policy_loss
 from rl_loss.surrogates import cispo_pg_loss, sapo_pg_loss, sequence_importance_ratio
-
-LN = math.log
-
-
-def t64(values):
-    return torch.tensor(values, dtype=torch.float64)
+from tests.test_policy_loss import LN, reducers, t64
 
 
 def sigmoid(x: float) -> float:
@@ -30,17 +25,6 @@ def config_of(**fields) -> LossConfig:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RelabelNotice)
         return LossConfig(**fields)
-
-
-def reducers(response_lengths, config, masks=None, **layout):
-    masks = masks if masks is not None else [[1] * r for r in response_lengths]
-    step = StepBatch(
-        response_lengths=response_lengths,
-        total_lengths=[r + 1 for r in response_lengths],
-        loss_masks=[torch.tensor(m, dtype=torch.float64) for m in masks],
-    )
-    factory = ReducerFactory(config)
-    return factory.pg_reducer(step, **layout), factory.metric_reducer(step, **layout)
 
 
 # --- CISPO ---------------------------------------------------------------------------------------------------

@@ -12,17 +12,9 @@ from launchers.toy.rollout import sample_rollout
 from launchers.toy.task import BOS_ID, EOS_ID, SEP_ID
 from rl_loss import LossConfig, ReducerFactory, StepBatch, local_response_ranges
 
+pytestmark = pytest.mark.usefixtures("single_intra_op_thread")
+
 TASK = DigitSumTask()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """One intra-op thread: these tensors are tiny, and on a busy 2-core box every op of a 2-thread
-    pool waits for a descheduled worker (milliseconds per op)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _model(dtype: torch.dtype = torch.float32, seed: int = 0, **sizes) -> ToyPolicy:

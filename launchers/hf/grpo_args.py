@@ -195,7 +195,7 @@ def _two_samples_per_prompt(cfg: RunConfig, world_size: int) -> str | None:
 def _checkpoints_between_rollouts(cfg: RunConfig, world_size: int) -> str | None:
     # TRL keeps a rollout's unused micro-batches in memory only: a checkpoint inside a rollout would
     # resume on a fresh rollout, not on the rest of the saved one.
-    if cfg.steps_per_rollout and cfg.trainer.save_every % cfg.steps_per_rollout:
+    if not cfg.whole_rollouts(cfg.trainer.save_every):
         return (
             f"trainer.save_every: with backend=trl a checkpoint must fall between rollouts, every multiple of the "
             f"{cfg.steps_per_rollout} optimizer steps per rollout (got {cfg.trainer.save_every}); "
