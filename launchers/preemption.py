@@ -88,12 +88,16 @@ class StopRequest:
     def adopt(self, summed: torch.Tensor) -> bool:
         """Take over a request from the all-reduced :meth:`as_tensor` of every rank; True when stopping.
 
-        A rank that got no signal itself stops too, with the first requested signal's exit code.
+        A rank that got no signal itself stops too, with the first requested signal's exit code. The
+        decision comes from ``summed`` alone, so that every rank makes the same one: a signal that lands
+        here after this step's :meth:`as_tensor` is not in the sum yet, and is shared at the next step.
         """
+        hit = [sig for sig, count in zip(self.signals, summed.tolist(), strict=True) if count > 0]
+        if not hit:
+            return False
         if self.signum is None:
-            hit = [sig for sig, count in zip(self.signals, summed.tolist(), strict=True) if count > 0]
-            self.signum = hit[0] if hit else None
-        return self.requested
+            self.signum = hit[0]
+        return True
 
     def restore(self) -> None:
         """Put back the handlers that were installed before."""

@@ -89,8 +89,18 @@ def regularized_incomplete_beta(x: float, a: float, b: float) -> float:
 
 
 def t_cdf(t: float, dof: float) -> float:
-    """P(T <= t) for Student's t with ``dof`` degrees of freedom: 1 - I_{dof/(dof+t^2)}(dof/2, 1/2) / 2 for t >= 0."""
-    tail = 0.5 * regularized_incomplete_beta(dof / (dof + t * t), dof / 2, 0.5)
+    """P(T <= t) for Student's t with ``dof`` degrees of freedom; for t >= 0 (the other side by symmetry):
+
+    P(T <= t) = 1/2 + I_{t^2/(dof+t^2)}(1/2, dof/2) / 2 = 1 - I_{dof/(dof+t^2)}(dof/2, 1/2) / 2.
+
+    The first (central) form is used for t^2 < dof, where it keeps full precision near t = 0 (the second
+    loses it: dof / (dof + t^2) rounds to 1 for |t| below ~1e-8), the second in the tails.
+    """
+    t2 = t * t
+    if t2 < dof:
+        central = 0.5 * regularized_incomplete_beta(t2 / (dof + t2), 0.5, dof / 2)
+        return 0.5 + central if t >= 0 else 0.5 - central
+    tail = 0.5 * regularized_incomplete_beta(dof / (dof + t2), dof / 2, 0.5)
     return 1.0 - tail if t >= 0 else tail
 
 

@@ -238,6 +238,20 @@ def test_rank_without_a_signal_adopts_another_ranks_request():
     assert stop.adopt(summed) and stop.exit_code == 143
 
 
+def test_signal_after_the_steps_all_reduce_waits_for_the_next_step():
+    # rank 0 shared "no request" in this step's all-reduce, then SIGTERM landed: the other ranks carry on,
+    # so rank 0 must too (stopping alone would leave them waiting in the next step's collectives)
+    stop = StopRequest()
+    try:
+        shared = stop.as_tensor()  # this step's contribution: nothing yet
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested
+        assert not stop.adopt(shared)  # the sum every rank sees holds no request
+        assert stop.adopt(stop.as_tensor()) and stop.exit_code == 143  # shared, and honoured, at the next step
+    finally:
+        stop.restore()
+
+
 def test_finish_hands_the_signal_to_the_previous_handler(monkeypatch):
     # inside a submitit job, submitit's handler (requeue) runs after our checkpoint
     monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")

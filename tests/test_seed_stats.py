@@ -7,7 +7,7 @@ import statistics
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from launchers.seed_stats import mean_interval, t_cdf, t_quantile, welch_interval
@@ -44,6 +44,7 @@ def test_t_quantile_for_fractional_dof_holds_95_percent_of_torch_student_t_densi
     assert float(torch.trapezoid(density, grid)) == pytest.approx(0.95, abs=1e-9)
 
 
+@example(p=0.5000000000000001, dof=1.0)  # near t = 0 the tail form of t_cdf rounded to exactly 1/2
 @given(p=st.floats(0.5, 0.9999), dof=st.floats(0.5, 500))
 def test_t_cdf_inverts_t_quantile(p, dof):
     assert t_cdf(t_quantile(p, dof), dof) == pytest.approx(p, abs=1e-9)
