@@ -150,7 +150,10 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     os.kill(lock_pid(tmp_path), signal.SIGTERM)  # rank 0 only; rank 1 learns it in the step's all-reduce
     output, _ = proc.communicate(timeout=240)
     assert proc.returncode != 0
-    assert output.count("exitcode  : 143") == 2, output[-4000:]  # both ranks stopped cleanly (torchrun's report)
+    # rank 0 exits 143 once the checkpoint of the step is written, which needs rank 1 at the same step's
+    # barrier (a rank that went on would leave it waiting: the hang this test guards against). torchrun then
+    # ends rank 1 itself if rank 1 has not exited yet, so rank 1's own report is 143 or torchrun's SIGTERM.
+    assert "exitcode  : 143" in output, output[-4000:]
     last = read_metrics(tmp_path)[-1]["step"]
     assert verify_checksum(tmp_path / "checkpoints" / f"step_{last:06d}.pt") is None
 
