@@ -41,7 +41,7 @@ bench: $(STAMP)
 	$(BENCH_ENV) $(PY) -m benchmarks.trl_step
 
 schema: $(STAMP)
-	$(PY) -m launchers.schema --write
+	$(PY) -m launchers.config.schema --write
 
 # Every preset in conf/loss (new ones join by themselves) over SEEDS, jobs in parallel (joblib), then the report.
 comma := ,

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from launchers.distributed import ParallelContext
-from launchers.preflight import compose_job
-from launchers.trainer import Trainer, resolve_device
+from launchers.backends.toy.distributed import ParallelContext
+from launchers.config.preflight import compose_job
+from launchers.backends.toy.trainer import Trainer, resolve_device
 from rl_loss import ReducerFactory
 
 

@@ -1,8 +1,8 @@
 """``python -m launchers.train``: the Hydra entry point of a training run or sweep.
 
-The command line is validated whole (every sweep job) by :mod:`launchers.preflight` before Hydra
+The command line is validated whole (every sweep job) by :mod:`launchers.config.preflight` before Hydra
 starts any job; each job then validates its composed config again with the real world size and runs
-:func:`launchers.trainer.train` (``backend=toy``) or :func:`launchers.hf.train.train` (``backend=trl``) in
+:func:`launchers.backends.toy.trainer.train` (``backend=toy``) or :func:`launchers.backends.hf.train.train` (``backend=trl``) in
 Hydra's run folder; the backend section names its entry point, imported only when the job starts.
 """
 
@@ -17,9 +17,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from launchers.backends import import_entry
-from launchers.conf_store import register_configs
-from launchers.preflight import CONFIG_DIR, CONFIG_NAME, ConfigError, validate_run, world_size_from_env
+from launchers.config.backends import import_entry
+from launchers.config.conf_store import register_configs
+from launchers.config.preflight import CONFIG_DIR, CONFIG_NAME, ConfigError, validate_run, world_size_from_env
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name=CONFIG_NAME, version_base=None)
@@ -59,12 +59,12 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     register_configs()
     if any(a in ("--help", "-h") for a in argv):
-        from launchers.cli_help import render_help
+        from launchers.config.cli_help import render_help
 
         print(render_help())
         return
     argv = ["--help" if a == "--hydra-help" else a for a in argv]
-    from launchers.preflight import preflight
+    from launchers.config.preflight import preflight
 
     jobs = preflight(argv)
     if world_size_from_env() > 1 and not any(a.startswith("hydra.run.dir=") for a in argv):
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         argv = [*argv, f"hydra.run.dir={torchrun_run_dir()}"]
     run_dir = next((a.split("=", 1)[1] for a in argv if a.startswith("hydra.run.dir=")), None)
     if jobs and len(jobs) == 1 and run_dir and "${" not in run_dir and not any(a in ("-m", "--multirun") for a in argv):
-        from launchers.run_guard import precheck
+        from launchers.runs.run_guard import precheck
 
         # A refused launch (live run, changed recipe) must not leave Hydra's files in that folder.
         precheck(jobs[0].config, run_dir, quiet=int(os.environ.get("RANK", "0")) > 0)

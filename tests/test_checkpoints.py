@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from launchers.checkpoints import (
+from launchers.runs.checkpoints import (
     UnusableCheckpoint,
     checksum_path,
     load_checkpoint,

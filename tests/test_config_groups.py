@@ -9,10 +9,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from launchers.cli_help import group_options
-from launchers.conf_store import register_configs, section_options
-from launchers.preflight import CONFIG_DIR, compose_job
-from launchers.schema import SCHEMA_PATH, render_schema
+from launchers.config.cli_help import group_options
+from launchers.config.conf_store import register_configs, section_options
+from launchers.config.preflight import CONFIG_DIR, compose_job
+from launchers.config.schema import SCHEMA_PATH, render_schema
 from rl_loss import ReducerFactory
 
 REQUIRED_BY_OPTION = {"model=hf": ["model.name_or_path=org/some-model"]}  # validation loads nothing
@@ -97,5 +97,5 @@ def test_sweep_launcher_configs_compose(launcher):
 
 def test_committed_json_schema_is_fresh():
     assert SCHEMA_PATH.read_text() == render_schema(), (
-        "conf/schema.json is stale: regenerate it with `make schema` (python -m launchers.schema --write)"
+        "conf/schema.json is stale: regenerate it with `make schema` (python -m launchers.config.schema --write)"
     )

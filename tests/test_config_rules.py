@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from launchers.preflight import ConfigError, compose_job, preflight
+from launchers.config.preflight import ConfigError, compose_job, preflight
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -21,7 +21,7 @@ from hydra.plugins.search_path_plugin import SearchPathPlugin
 
 from hydra_plugins.rl_loss_searchpath import PROVIDER, SEARCH_PATH, RLLossSearchPathPlugin
 from hydra_plugins.rl_loss_searchpath.loss_base import LOSS_BASE
-from launchers.schema import LOSS_BASE_PATH, REGENERATE, render_loss_base
+from launchers.config.schema import LOSS_BASE_PATH, REGENERATE, render_loss_base
 from rl_loss import ConfigError, LossConfig, ReducerFactory
 
 ROOT = Path(__file__).resolve().parent.parent

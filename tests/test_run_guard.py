@@ -12,11 +12,11 @@ import sys
 import pytest
 import torch
 
-from launchers.config import RunConfig
-from launchers.preemption import StopRequest
-from launchers.recipe import changes, run_invariant
-from launchers.run_guard import RUN_CONFIG
-from launchers.run_lock import LOCK_NAME, Owner, RunFolderBusy, RunLock, process_start, read_owner, this_process
+from launchers.config.run_config import RunConfig
+from launchers.runs.preemption import StopRequest
+from launchers.runs.recipe import changes, run_invariant
+from launchers.runs.run_guard import RUN_CONFIG
+from launchers.runs.run_lock import LOCK_NAME, Owner, RunFolderBusy, RunLock, process_start, read_owner, this_process
 from tests.test_checkpoints import resumed_from
 from tests.test_trainer import run_tiny, without_timing
 

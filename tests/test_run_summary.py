@@ -15,8 +15,8 @@ import pytest
 import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from launchers.run_io import Progress, format_duration
-from launchers.summary import hydra_path_override, launcher_command, resume_command, summary_lines
+from launchers.runs.run_io import Progress, format_duration
+from launchers.runs.summary import hydra_path_override, launcher_command, resume_command, summary_lines
 
 ROOT = Path(__file__).resolve().parent.parent
 REWARDS = [0.1, 0.3, 0.4, 0.4, 0.5, 0.5, 0.6, 0.8]  # first quarter (2 steps) 0.2, last quarter 0.7

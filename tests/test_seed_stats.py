@@ -10,7 +10,7 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from launchers.seed_stats import mean_interval, t_cdf, t_quantile, welch_interval
+from launchers.reporting.seed_stats import mean_interval, t_cdf, t_quantile, welch_interval
 
 
 def test_t_quantile_with_one_degree_of_freedom_is_cauchy():

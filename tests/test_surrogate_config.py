@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from launchers.preflight import ConfigError, compose_job
+from launchers.config.preflight import ConfigError, compose_job
 from rl_loss import LossConfig
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launchers.report import band, main
-from launchers.run_records import find_runs, group_seeds
+from launchers.reporting.report import band, main
+from launchers.runs.run_records import find_runs, group_seeds
 
 ROOT = Path(__file__).resolve().parent.parent
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -207,7 +207,7 @@ def test_joblib_sweep_over_seeds_is_reported_with_bands(tmp_path):
     )
     assert sweep.returncode == 0, sweep.stderr[-3000:]
     assert len(list(tmp_path.rglob("metrics.jsonl"))) == 4
-    report = subprocess.run([sys.executable, "-m", "launchers.report", str(tmp_path)], cwd=ROOT, capture_output=True,
+    report = subprocess.run([sys.executable, "-m", "launchers.reporting.report", str(tmp_path)], cwd=ROOT, capture_output=True,
                             text=True, timeout=120)
     assert report.returncode == 0, report.stderr
     rows = table_rows((tmp_path / "report.md").read_text())

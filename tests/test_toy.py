@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from launchers.toy import DigitSumTask, ModelConfig, ToyPolicy, cp_batch, generate, local_logprobs, run_simulated_cp
-from launchers.toy.rollout import sample_rollout
-from launchers.toy.task import BOS_ID, EOS_ID, SEP_ID
+from launchers.backends.toy import DigitSumTask, ModelConfig, ToyPolicy, cp_batch, generate, local_logprobs, run_simulated_cp
+from launchers.backends.toy.rollout import sample_rollout
+from launchers.backends.toy.task import BOS_ID, EOS_ID, SEP_ID
 from rl_loss import LossConfig, ReducerFactory, StepBatch, local_response_ranges
 
 pytestmark = pytest.mark.usefixtures("single_intra_op_thread")

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from launchers.preflight import compose_job
-from launchers.trainer import train
+from launchers.config.preflight import compose_job
+from launchers.backends.toy.trainer import train
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = [

@@ -15,19 +15,19 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from launchers.backends import HFModelConfig, HFTinyModelConfig
-from launchers.conf_store import section_options
-from launchers.config import ModelConfig, RunConfig
-from launchers.hf.grpo_args import (
+from launchers.config.backends import HFModelConfig, HFTinyModelConfig
+from launchers.config.conf_store import section_options
+from launchers.config.run_config import ModelConfig, RunConfig
+from launchers.backends.hf.grpo_args import (
     GRPO_CONFIG_FIELDS,
     HONOURED_OUTSIDE_GRPO_CONFIG,
     UNSUPPORTED_BY_TRL,
     grpo_config_kwargs,
     trl_loss_config,
 )
-from launchers.hf.task import DigitSumReward, prompt_dataset
-from launchers.preflight import ConfigError, compose_job
-from launchers.toy.task import DigitSumTask
+from launchers.backends.hf.task import DigitSumReward, prompt_dataset
+from launchers.config.preflight import ConfigError, compose_job
+from launchers.backends.toy.task import DigitSumTask
 
 ROOT = Path(__file__).resolve().parent.parent
 TRL = ["backend=trl", "model=hf_tiny"]
@@ -328,12 +328,12 @@ def test_tiny_model_section_validates_head_counts():
 def test_launcher_and_toy_backend_never_import_trl_or_transformers(tmp_path):
     code = f"""
 import sys
-import launchers.train, launchers.trainer, launchers.hf, launchers.hf.grpo_args
-from launchers.cli_help import render_help
-from launchers.preflight import compose_job, summary
+import launchers.train, launchers.backends.toy.trainer, launchers.backends.hf, launchers.backends.hf.grpo_args
+from launchers.config.cli_help import render_help
+from launchers.config.preflight import compose_job, summary
 summary(compose_job(["backend=trl", "model=hf_tiny"]))
 render_help()
-launchers.trainer.train(compose_job(["trainer.max_steps=1", "rollout.prompts_per_rollout=2",
+launchers.backends.toy.trainer.train(compose_job(["trainer.max_steps=1", "rollout.prompts_per_rollout=2",
     "rollout.n_samples_per_prompt=2", "trainer.global_batch_size=4", "trainer.micro_batch_size=4"]).config, {str(tmp_path)!r})
 print(",".join(m for m in sys.modules if m.split(".")[0] in ("trl", "transformers", "datasets", "accelerate")))
 """
@@ -364,7 +364,7 @@ def test_readme_accelerate_command_is_valid_on_its_four_processes():
 
 
 def test_several_gpus_in_one_process_point_to_accelerate():
-    from launchers.hf.train import several_gpus_in_one_process
+    from launchers.backends.hf.train import several_gpus_in_one_process
 
     assert several_gpus_in_one_process(1) is None
     assert several_gpus_in_one_process(4).startswith(
@@ -376,7 +376,7 @@ def test_gradient_checkpointing_goes_by_the_name_the_installed_transformers_know
     # transformers 5.17 (seen on the GPU image) has no activation_checkpointing field; 5.24 has both names
     import dataclasses
 
-    from launchers.hf.train import for_installed_transformers
+    from launchers.backends.hf.train import for_installed_transformers
 
     @dataclasses.dataclass
     class Before:  # a TrainingArguments of a transformers 5 release before the rename

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from launchers.preflight import compose_job
+from launchers.config.preflight import compose_job
 
 ROOT = Path(__file__).resolve().parent.parent
 PRESETS = sorted(p.stem for p in (ROOT / "conf" / "loss").glob("*.yaml"))
@@ -41,7 +41,7 @@ pytestmark = pytest.mark.slow
 
 
 def train_in_process(run_dir: Path, *overrides: str) -> list[dict]:
-    from launchers.hf.train import train
+    from launchers.backends.hf.train import train
 
     train(compose_job([*SMALL, *overrides]).config, run_dir)
     return read_metrics(run_dir)
@@ -111,9 +111,9 @@ def test_several_steps_per_rollout_share_its_reward(tmp_path):
 
 
 def save_tiny_model(folder: Path, chat_template: str | None = None) -> Path:
-    from launchers.backends import HFTinyModelConfig
-    from launchers.hf.models import tiny_model
-    from launchers.toy.task import DigitSumTask
+    from launchers.config.backends import HFTinyModelConfig
+    from launchers.backends.hf.models import tiny_model
+    from launchers.backends.toy.task import DigitSumTask
 
     policy = tiny_model(HFTinyModelConfig(), DigitSumTask(), seed=0)
     if chat_template is not None:
@@ -127,17 +127,17 @@ def test_pretrained_model_loads_from_a_local_folder(tmp_path):
     folder = save_tiny_model(tmp_path / "model")
     overrides = ["model=hf", f"model.name_or_path={folder}", "model.chat_template=false", "trainer.max_steps=2"]
     overrides = [o for o in [*SMALL, *overrides] if o != "model=hf_tiny"]
-    from launchers.hf.train import train
+    from launchers.backends.hf.train import train
 
     train(compose_job(overrides).config, tmp_path / "run")
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2]
 
 
 def test_pretrained_model_with_a_chat_template_gets_chat_prompts(tmp_path):
-    from launchers.backends import HFModelConfig
-    from launchers.hf.models import pretrained_model
-    from launchers.hf.task import chat_prompt
-    from launchers.toy.task import DigitSumTask
+    from launchers.config.backends import HFModelConfig
+    from launchers.backends.hf.models import pretrained_model
+    from launchers.backends.hf.task import chat_prompt
+    from launchers.backends.toy.task import DigitSumTask
 
     folder = save_tiny_model(tmp_path, chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
     policy = pretrained_model(HFModelConfig(name_or_path=str(folder)), DigitSumTask(), seed=0)
@@ -146,7 +146,7 @@ def test_pretrained_model_with_a_chat_template_gets_chat_prompts(tmp_path):
 
 def train_exit(capsys, tmp_path: Path, *overrides: str) -> tuple[int, str]:
     """Exit code and stderr of a run that stops with SystemExit."""
-    from launchers.hf.train import train
+    from launchers.backends.hf.train import train
 
     with pytest.raises(SystemExit) as stopped:
         train(compose_job(list(overrides)).config, tmp_path / "run")
@@ -174,7 +174,7 @@ def test_missing_pretrained_model_is_one_line(tmp_path, capsys):
 
 
 def preflight_exit(capsys, *argv: str) -> tuple[int, str, str]:
-    from launchers.preflight import preflight
+    from launchers.config.preflight import preflight
 
     with pytest.raises(SystemExit) as stopped:
         preflight(list(argv))

@@ -1,7 +1,7 @@
 """``backend=trl`` under the toy backend's run-safety and summary contracts (SPEC §6b, §9).
 
-The same functions guard both backends (launchers.run_guard.open_run, launchers.checkpoints.resume_newest,
-launchers.preemption.StopRequest, launchers.summary.log_run_summary); these tests run them through
+The same functions guard both backends (launchers.runs.run_guard.open_run, launchers.runs.checkpoints.resume_newest,
+launchers.runs.preemption.StopRequest, launchers.runs.summary.log_run_summary); these tests run them through
 RLLossGRPOTrainer on the tiny Hugging Face model, in process where possible. The CPU runs are
 deterministic, so a resumed run is compared with an uninterrupted one value for value.
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from launchers.checkpoints import (
+from launchers.runs.checkpoints import (
     UnusableCheckpoint,
     checksum_path,
     load_checkpoint_folder,
@@ -29,9 +29,9 @@ from launchers.checkpoints import (
     verify_checksum,
     write_checksum,
 )
-from launchers.preflight import compose_job
-from launchers.recipe import run_invariant
-from launchers.run_lock import LOCK_NAME, Owner, process_start, this_process
+from launchers.config.preflight import compose_job
+from launchers.runs.recipe import run_invariant
+from launchers.runs.run_lock import LOCK_NAME, Owner, process_start, this_process
 from tests.test_checkpoints import resumed_from
 from tests.test_trl_launcher import OFFLINE, ROOT, SMALL, read_metrics, without_timing
 
@@ -40,7 +40,7 @@ SEVERAL = ["trainer.global_batch_size=4", "trainer.micro_batch_size=2"]  # two o
 
 def run(run_dir: Path, *overrides: str) -> list[dict]:
     """A backend=trl run in this process (SMALL sizes); its metrics.jsonl records."""
-    from launchers.hf.train import train
+    from launchers.backends.hf.train import train
 
     train(compose_job([*SMALL, *overrides]).config, run_dir)
     return read_metrics(run_dir)
@@ -66,7 +66,7 @@ def copy_of(run_dir: Path, tmp_path: Path) -> Path:
 
 def signal_after_logging_step(monkeypatch, step: int, signum: int) -> None:
     """Send ``signum`` to this process once step ``step`` is logged, i.e. while the next step runs."""
-    from launchers.hf.callbacks import MetricsCallback
+    from launchers.backends.hf.callbacks import MetricsCallback
 
     original = MetricsCallback.record
 

@@ -1,6 +1,6 @@
 """The ``loss/base`` node of the Hydra plugin: LossConfig's defaults as plain values.
 
-GENERATED from rl_loss.config.LossConfig by `make schema` (python -m launchers.schema --write); do not edit.
+GENERATED from rl_loss.config.LossConfig by `make schema` (python -m launchers.config.schema --write); do not edit.
 A literal, so that the plugin imports neither torch nor rl_loss; tests/test_hydra_plugin.py fails
 when it differs from LossConfig().model_dump(mode="json", by_alias=True).
 """

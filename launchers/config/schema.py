@@ -1,6 +1,6 @@
 """Files generated from the pydantic models: the JSON Schema of a run and the Hydra plugin's loss base.
 
-``python -m launchers.schema --write`` (or ``make schema``) regenerates both ``conf/schema.json`` and
+``python -m launchers.config.schema --write`` (or ``make schema``) regenerates both ``conf/schema.json`` and
 ``hydra_plugins/rl_loss_searchpath/loss_base.py`` (LossConfig's defaults as a plain literal, so that
 the plugin imports neither torch nor rl_loss); ``--check`` exits 1 when either committed file is stale.
 """
@@ -12,17 +12,17 @@ import json
 import sys
 from pathlib import Path
 
-from launchers.config import RunConfig
+from launchers.config.run_config import RunConfig
 from rl_loss.config import LossConfig
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SCHEMA_PATH = ROOT / "conf" / "schema.json"
 LOSS_BASE_PATH = ROOT / "hydra_plugins" / "rl_loss_searchpath" / "loss_base.py"
-REGENERATE = "`make schema` (python -m launchers.schema --write)"
+REGENERATE = "`make schema` (python -m launchers.config.schema --write)"
 
 
 def render_schema() -> str:
-    """The JSON Schema of :class:`~launchers.config.RunConfig`, as committed (sorted, 2-space indent)."""
+    """The JSON Schema of :class:`~launchers.config.run_config.RunConfig`, as committed (sorted, 2-space indent)."""
     schema = RunConfig.model_json_schema(by_alias=True)
     return json.dumps(schema, indent=2, sort_keys=True) + "\n"
 
@@ -54,7 +54,7 @@ GENERATED = {SCHEMA_PATH: render_schema, LOSS_BASE_PATH: render_loss_base}
 
 def main(argv: list[str] | None = None) -> int:
     """Write or check the generated files."""
-    parser = argparse.ArgumentParser(prog="python -m launchers.schema", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m launchers.config.schema", description=__doc__.splitlines()[0])
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--write", action="store_true", help="regenerate conf/schema.json and the plugin's loss base")
     mode.add_argument("--check", action="store_true", help="exit 1 if a generated file is stale")

@@ -7,8 +7,8 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel
 
-from launchers.conf_store import GROUP_SECTIONS, is_schema_node, register_configs, section_options
-from launchers.config import RunConfig
+from launchers.config.conf_store import GROUP_SECTIONS, is_schema_node, register_configs, section_options
+from launchers.config.run_config import RunConfig
 
 USAGE = """\
 usage: python -m launchers.train [-m] [GROUP=OPTION ...] [KEY=VALUE ...]
@@ -33,7 +33,7 @@ def group_options() -> dict[str, list[str]]:
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from launchers.preflight import CONFIG_DIR
+    from launchers.config.preflight import CONFIG_DIR
 
     register_configs()
     GlobalHydra.instance().clear()

@@ -20,15 +20,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from launchers import distributed
-from launchers.checkpoints import prune_checkpoints, resume_newest, save_checkpoint
-from launchers.config import RunConfig
-from launchers.preemption import StopRequest
-from launchers.run_guard import open_run
-from launchers.run_io import MetricsWriter, Progress, checkpoint_path, rng_state, set_rng_state
-from launchers.summary import log_run_summary
-from launchers.toy import DigitSumTask, ToyPolicy, all_gather_kv, generate, local_logprobs
-from launchers.toy.model import ModelConfig as ToyModelConfig
+from launchers.backends.toy import distributed
+from launchers.runs.checkpoints import prune_checkpoints, resume_newest, save_checkpoint
+from launchers.config.run_config import RunConfig
+from launchers.runs.preemption import StopRequest
+from launchers.runs.run_guard import open_run
+from launchers.runs.run_io import MetricsWriter, Progress, checkpoint_path, rng_state, set_rng_state
+from launchers.runs.summary import log_run_summary
+from launchers.backends.toy import DigitSumTask, ToyPolicy, all_gather_kv, generate, local_logprobs
+from launchers.backends.toy.model import ModelConfig as ToyModelConfig
 from rl_loss import ReducerFactory, StepBatch, group_advantages, policy_loss
 
 log = logging.getLogger("launchers.train")
@@ -265,7 +265,7 @@ class Trainer:
         return path
 
     def restore(self, state: dict[str, Any]) -> None:
-        """Continue from a checkpoint's state (:func:`launchers.checkpoints.resume_newest` calls it)."""
+        """Continue from a checkpoint's state (:func:`launchers.runs.checkpoints.resume_newest` calls it)."""
         self.policy.load_state_dict(state["policy"])
         if self.reference is not None and state["reference"] is not None:
             self.reference.load_state_dict(state["reference"])

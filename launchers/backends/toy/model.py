@@ -7,8 +7,8 @@ rank), and masks causally by global position: a query at position ``p`` sees the
 position ``<= p``. Without CP the exchange is the identity, so one code path serves:
 
 - the plain full-sequence path (:meth:`ToyPolicy.logits`, used by rollouts);
-- a single process simulating CP ranks (:func:`launchers.toy.cp_exchange.run_simulated_cp`, for tests);
-- a distributed trainer (:func:`launchers.toy.cp_exchange.all_gather_kv` over the CP process group).
+- a single process simulating CP ranks (:func:`launchers.backends.toy.cp_exchange.run_simulated_cp`, for tests);
+- a distributed trainer (:func:`launchers.backends.toy.cp_exchange.all_gather_kv` over the CP process group).
 
 :func:`local_logprobs` turns a rank's logits into the log-probs and entropies of the response tokens
 it holds, in the order rl_loss expects (SPEC §4: per sample, its two CP pieces concatenated).

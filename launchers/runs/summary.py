@@ -17,8 +17,8 @@ from typing import Literal
 
 import yaml
 
-from launchers.run_io import format_duration
-from launchers.run_records import METRICS_FILE, read_metrics
+from launchers.runs.run_io import format_duration
+from launchers.runs.run_records import METRICS_FILE, read_metrics
 
 log = logging.getLogger("launchers.train")
 

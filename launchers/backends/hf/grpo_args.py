@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from rl_loss.config import LossConfig
 
 if TYPE_CHECKING:
-    from launchers.config import RunConfig
+    from launchers.config.run_config import RunConfig
 
 CHECKPOINT_SUBDIR = "checkpoints"
 KEEP_CHECKPOINTS = 3
@@ -82,13 +82,13 @@ GRPO_CONFIG_FIELDS: dict[str, tuple[str, ...]] = {
 
 HONOURED_OUTSIDE_GRPO_CONFIG: dict[str, str] = {
     "loss": "RLLossGRPOTrainer(loss_config=...): every loss field, through trl_loss_config()",
-    "task": "the prompt dataset and the reward (launchers.hf.task)",
-    "model": "the model loader the model section names (launchers.hf.models)",
+    "task": "the prompt dataset and the reward (launchers.backends.hf.task)",
+    "model": "the model loader the model section names (launchers.backends.hf.models)",
     "dry_run": "the launcher's preflight",
-    "resume": "launchers.checkpoints.resume_newest: the newest checkpoint folder that verifies, then "
+    "resume": "launchers.runs.checkpoints.resume_newest: the newest checkpoint folder that verifies, then "
               "trainer.train(resume_from_checkpoint=it)",
-    "allow_recipe_change": "launchers.run_guard.open_run, the recipe guard on resume",
-    "progress": "launchers.run_io.Progress, driven by the metrics callback",
+    "allow_recipe_change": "launchers.runs.run_guard.open_run, the recipe guard on resume",
+    "progress": "launchers.runs.run_io.Progress, driven by the metrics callback",
     "torch_threads": "torch.set_num_threads",
 }
 """Launcher sections/fields that TRL honours through something other than GRPOConfig."""
@@ -149,7 +149,7 @@ def grpo_config_kwargs(cfg: RunConfig, run_dir: str | Path, world_size: int = 1,
         "bf16": cfg.backend.bf16,
         "activation_checkpointing": cfg.backend.gradient_checkpointing,  # transformers 5 name of gradient checkpointing
         "logging_steps": 1,
-        "report_to": "none",  # metrics.jsonl and TensorBoard come from launchers.hf.callbacks
+        "report_to": "none",  # metrics.jsonl and TensorBoard come from launchers.backends.hf.callbacks
         "disable_tqdm": True,  # the launcher's own progress display (progress=bar|log|auto)
     }
 
@@ -165,7 +165,7 @@ def trl_loss_config(cfg: RunConfig) -> LossConfig:
 
 @functools.cache
 def _defaults() -> RunConfig:
-    from launchers.config import RunConfig
+    from launchers.config.run_config import RunConfig
 
     return RunConfig()
 

@@ -1,6 +1,6 @@
 """Key/value exchanges for context-parallel attention: simulated in one process, or over torch.distributed.
 
-A :data:`~launchers.toy.model.KVExchange` maps a CP rank's local keys/values to those of the whole
+A :data:`~launchers.backends.toy.model.KVExchange` maps a CP rank's local keys/values to those of the whole
 sequence. :func:`run_simulated_cp` runs every rank of a CP group as a thread of one process (tests);
 :func:`all_gather_kv` gathers over a real CP process group (the trainer).
 """
@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from launchers.toy.model import KVExchange
+from launchers.backends.toy.model import KVExchange
 
 
 class _SimulatedGroup:

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from launchers.config import RunConfig
+from launchers.config.run_config import RunConfig
 
 RUN_INVARIANT = frozenset({
     # How long and how often: the steps already taken do not depend on them (the learning rate is

@@ -3,7 +3,7 @@
 ``run_config.json`` in the run folder holds the run's own validated configuration (Hydra's
 ``.hydra/config.yaml`` is rewritten by every launch). A resume compares the newly composed
 configuration with it, field by field over the whole tree: a change to any field that is not in
-:data:`launchers.recipe.RUN_INVARIANT` alters the run's mathematics and is refused (exit 2, one line per field,
+:data:`launchers.runs.recipe.RUN_INVARIANT` alters the run's mathematics and is refused (exit 2, one line per field,
 ``loss.aggregation: sample_mean -> token_mean``) unless ``allow_recipe_change=true``; changes to
 run-invariant fields are accepted and logged, and every accepted change is appended to the
 file's ``history``. Fields added to the configuration later (a new loss term, a backend section) are
@@ -28,11 +28,11 @@ from typing import Any
 
 import torch
 
-from launchers.checkpoints import has_checkpoints
-from launchers.config import RunConfig
-from launchers.recipe import changes, config_tree, run_invariant
-from launchers.run_io import atomic_write
-from launchers.run_lock import (
+from launchers.runs.checkpoints import has_checkpoints
+from launchers.config.run_config import RunConfig
+from launchers.runs.recipe import changes, config_tree, run_invariant
+from launchers.runs.run_io import atomic_write
+from launchers.runs.run_lock import (
     LOCK_NAME,
     RunFolderBusy,
     RunLock,

@@ -12,7 +12,7 @@ Inside a submitit job (the Hydra submitit launcher) submitit's own preemption si
 (``SUBMITIT_PREEMPT_SIGNAL``, USR2 unless set) is handled the same way, and after the checkpoint
 :meth:`StopRequest.finish` hands the signal to the handler submitit installed before ours: submitit
 then calls the launcher's ``checkpoint()``, requeues the job and exits; the requeued job resumes
-(:func:`launchers.run_guard.open_run`).
+(:func:`launchers.runs.run_guard.open_run`).
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from launchers.toy.model import KVExchange, ToyPolicy
-from launchers.toy.task import DigitSumTask
+from launchers.backends.toy.model import KVExchange, ToyPolicy
+from launchers.backends.toy.task import DigitSumTask
 
 
 @dataclass

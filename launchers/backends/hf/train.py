@@ -1,17 +1,17 @@
 """``backend=trl``: train a Hugging Face causal LM with rl_loss's RLLossGRPOTrainer on the digit-sum task.
 
-The run folder is the toy backend's: ``metrics.jsonl`` and ``tensorboard/`` (:mod:`launchers.hf.callbacks`),
+The run folder is the toy backend's: ``metrics.jsonl`` and ``tensorboard/`` (:mod:`launchers.backends.hf.callbacks`),
 ``.hydra/`` (Hydra), ``run_config.json``, and the Trainer's checkpoints under
 ``checkpoints/checkpoint-STEP/`` (model, optimizer, scheduler, RNG states, trainer state) with
 ``checkpoint-STEP.sha256`` beside each, every ``trainer.save_every`` steps and at the end. Several
 processes: ``accelerate launch -m launchers.train backend=trl ...`` (data parallel; accelerate and the
 Trainer set up the processes).
 
-Run safety (SPEC §6b) comes from the toy backend's functions: :func:`launchers.run_guard.open_run`
-(the lock and the recipe guard), :func:`launchers.checkpoints.resume_newest` over the Trainer's
-folders (:data:`launchers.checkpoints.TRAINER_FOLDERS`), :class:`launchers.preemption.StopRequest`
+Run safety (SPEC §6b) comes from the toy backend's functions: :func:`launchers.runs.run_guard.open_run`
+(the lock and the recipe guard), :func:`launchers.runs.checkpoints.resume_newest` over the Trainer's
+folders (:data:`launchers.runs.checkpoints.TRAINER_FOLDERS`), :class:`launchers.runs.preemption.StopRequest`
 (Ctrl-C, SIGTERM, SIGUSR1: a checkpoint, then exit 130, 143, 138) and
-:func:`launchers.summary.log_run_summary`.
+:func:`launchers.runs.summary.log_run_summary`.
 """
 
 from __future__ import annotations
@@ -26,19 +26,19 @@ from typing import Any
 
 import torch
 
-from launchers.backends import import_entry
-from launchers.checkpoints import TRAINER_FOLDERS, Agree, resume_newest
-from launchers.config import RunConfig
-from launchers.hf.callbacks import ChecksumCallback, MetricsCallback, SaveAtEndCallback, StopCallback, all_processes_sum
-from launchers.hf.grpo_args import CHECKPOINT_SUBDIR, grpo_config_kwargs, trl_loss_config
-from launchers.hf.models import LoadedPolicy, ModelLoadError
-from launchers.hf.task import DigitSumReward, prompt_dataset
-from launchers.preemption import StopRequest
-from launchers.preflight import EXIT_CONFIG_ERROR, world_size_from_env
-from launchers.run_guard import open_run
-from launchers.summary import log_run_summary
-from launchers.toy.task import DigitSumTask
-from launchers.trainer import resolve_device
+from launchers.config.backends import import_entry
+from launchers.runs.checkpoints import TRAINER_FOLDERS, Agree, resume_newest
+from launchers.config.run_config import RunConfig
+from launchers.backends.hf.callbacks import ChecksumCallback, MetricsCallback, SaveAtEndCallback, StopCallback, all_processes_sum
+from launchers.backends.hf.grpo_args import CHECKPOINT_SUBDIR, grpo_config_kwargs, trl_loss_config
+from launchers.backends.hf.models import LoadedPolicy, ModelLoadError
+from launchers.backends.hf.task import DigitSumReward, prompt_dataset
+from launchers.runs.preemption import StopRequest
+from launchers.config.preflight import EXIT_CONFIG_ERROR, world_size_from_env
+from launchers.runs.run_guard import open_run
+from launchers.runs.summary import log_run_summary
+from launchers.backends.toy.task import DigitSumTask
+from launchers.backends.toy.trainer import resolve_device
 
 log = logging.getLogger("launchers.train")
 
@@ -47,7 +47,7 @@ def resume_point(run_dir: Path, is_main: bool = True, agree: Agree | None = None
     """The newest Trainer checkpoint of ``run_dir`` that verifies, and its step; None when there is none.
 
     Each folder skipped is named with its reason; when folders exist but none verifies, one line and exit 2
-    (:func:`launchers.checkpoints.resume_newest`).
+    (:func:`launchers.runs.checkpoints.resume_newest`).
     """
     chosen: list[Path] = []
     step = resume_newest(run_dir, chosen.append, is_main=is_main, agree=agree, layout=TRAINER_FOLDERS)

@@ -2,7 +2,7 @@
 
 Each group option is one pydantic model whose ``kind`` literal is its tag: ``backend=toy`` is
 :class:`ToyBackendConfig`, ``backend=trl`` :class:`TrlBackendConfig`; ``model=toy`` is
-:class:`launchers.config.ModelConfig`, ``model=hf_tiny`` :class:`HFTinyModelConfig` and ``model=hf``
+:class:`launchers.config.run_config.ModelConfig`, ``model=hf_tiny`` :class:`HFTinyModelConfig` and ``model=hf``
 :class:`HFModelConfig`. Behaviour hangs off the classes, never off string comparisons: a backend names
 its entry point, the model kinds it trains and its own cross-section rules; an HF model names its
 loader. Entry points and loaders are import paths, so validating a configuration (``dry_run=true``,
@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from typing_extensions import Self
 
-from launchers.hf.grpo_args import TRL_RULES, trl_layout_summary
+from launchers.backends.hf.grpo_args import TRL_RULES, trl_layout_summary
 
 if TYPE_CHECKING:
-    from launchers.config import RunConfig
+    from launchers.config.run_config import RunConfig
 
 _SECTION = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
@@ -33,14 +33,14 @@ Rule = Callable[["RunConfig", int], "str | None"]
 
 
 class ToyBackendConfig(BaseModel):
-    """The embedded trainer (launchers/trainer.py): the toy transformer, DP x CP under torchrun."""
+    """The embedded trainer (launchers/backends/toy/trainer.py): the toy transformer, DP x CP under torchrun."""
 
     model_config = _SECTION
 
     kind: Literal["toy"] = "toy"
     """Backend (set by the group: backend=toy)."""
 
-    entry_point: ClassVar[str] = "launchers.trainer:train"
+    entry_point: ClassVar[str] = "launchers.backends.toy.trainer:train"
     model_kinds: ClassVar[tuple[str, ...]] = ("toy",)
     rules: ClassVar[tuple[Rule, ...]] = ()
 
@@ -65,7 +65,7 @@ class TrlBackendConfig(BaseModel):
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (GRPOConfig.activation_checkpointing): less memory, ~30% slower."""
 
-    entry_point: ClassVar[str] = "launchers.hf.train:train"
+    entry_point: ClassVar[str] = "launchers.backends.hf.train:train"
     model_kinds: ClassVar[tuple[str, ...]] = ("hf_tiny", "hf")
     rules: ClassVar[tuple[Rule, ...]] = TRL_RULES
     layout_summary = staticmethod(trl_layout_summary)
@@ -112,7 +112,7 @@ class HFTinyModelConfig(BaseModel):
     intermediate_size: int = Field(64, ge=8, le=16384)
     """Width of the MLP."""
 
-    loader: ClassVar[str] = "launchers.hf.models:tiny_model"
+    loader: ClassVar[str] = "launchers.backends.hf.models:tiny_model"
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> Self:
@@ -158,4 +158,4 @@ class HFModelConfig(BaseModel):
     chat_template: bool = True
     """Wrap each prompt as a user message in the tokenizer's chat template (instruct models); false: plain text."""
 
-    loader: ClassVar[str] = "launchers.hf.models:pretrained_model"
+    loader: ClassVar[str] = "launchers.backends.hf.models:pretrained_model"

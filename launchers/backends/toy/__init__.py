@@ -5,15 +5,15 @@ Everything here is plain PyTorch and needs no download, so ``python -m launchers
 2-core CPU in minutes.
 """
 
-from launchers.toy.cp_exchange import all_gather_kv, run_simulated_cp
-from launchers.toy.model import (
+from launchers.backends.toy.cp_exchange import all_gather_kv, run_simulated_cp
+from launchers.backends.toy.model import (
     ModelConfig,
     ToyPolicy,
     cp_batch,
     local_logprobs,
 )
-from launchers.toy.rollout import Rollout, generate, sample_rollout
-from launchers.toy.task import DigitSumTask
+from launchers.backends.toy.rollout import Rollout, generate, sample_rollout
+from launchers.backends.toy.task import DigitSumTask
 
 __all__ = [
     "DigitSumTask",

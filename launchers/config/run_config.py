@@ -1,7 +1,7 @@
 """Schema of a training run: one pydantic model per config section, cross-section rules on the root.
 
 These models are the single source of truth for the launcher's types, bounds and defaults; Hydra's
-base config is generated from them (:mod:`launchers.conf_store`) and ``conf/*.yaml`` only hold the
+base config is generated from them (:mod:`launchers.config.conf_store`) and ``conf/*.yaml`` only hold the
 values that differ, each with the reason above it. The loss section is the library's
 :class:`rl_loss.LossConfig`.
 """
@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 from typing_extensions import Self
 
-from launchers.backends import HFModelConfig, HFTinyModelConfig, ToyBackendConfig, TrlBackendConfig, backend_for_model
+from launchers.config.backends import HFModelConfig, HFTinyModelConfig, ToyBackendConfig, TrlBackendConfig, backend_for_model
 from rl_loss.config import DivisorBelowMaxLength, LossConfig
 
 _SECTION = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)

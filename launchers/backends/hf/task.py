@@ -1,6 +1,6 @@
 """The digit-sum task as text for Hugging Face models: prompts, a prompt dataset and the reward.
 
-The reward is the toy task's (:meth:`launchers.toy.task.DigitSumTask.reward`), not a second copy: a
+The reward is the toy task's (:meth:`launchers.backends.toy.task.DigitSumTask.reward`), not a second copy: a
 completion's token ids are read back into the toy task's tokens — every digit character of a token
 is that digit, a whitespace-only token is skipped, any other token is a non-digit (reward 0), and an
 end-of-sequence id is EOS — and scored by the toy task. A completion that stops without an EOS id
@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from launchers.toy.task import NUM_DIGITS, PAD_ID, DigitSumTask
+from launchers.backends.toy.task import NUM_DIGITS, PAD_ID, DigitSumTask
 
 DIGITS = "0123456789"[:NUM_DIGITS]  # ASCII only: str.isdigit() also accepts superscripts and other scripts
 

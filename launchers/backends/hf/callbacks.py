@@ -3,9 +3,9 @@
 TRL logs one dict per optimizer step (``logging_steps=1``) through the Hugging Face Trainer's
 ``on_log`` event; :class:`MetricsCallback` turns it into the launcher's ``metrics.jsonl`` record (the
 SPEC §9 names, :data:`TRL_METRIC_NAMES`) and mirrors it to TensorBoard with the toy backend's
-:class:`~launchers.run_io.MetricsWriter`. Only the main process writes. :class:`ChecksumCallback`
+:class:`~launchers.runs.run_io.MetricsWriter`. Only the main process writes. :class:`ChecksumCallback`
 writes the checksum of each checkpoint folder once the Trainer has saved it, :class:`StopCallback`
-turns the launcher's :class:`~launchers.preemption.StopRequest` (Ctrl-C, SIGTERM, SIGUSR1) into a
+turns the launcher's :class:`~launchers.runs.preemption.StopRequest` (Ctrl-C, SIGTERM, SIGUSR1) into a
 checkpoint and the end of training, on every process after the same step.
 """
 
@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from launchers.checkpoints import Agree, prune_checksums, write_checksum
-from launchers.preemption import StopRequest
-from launchers.run_io import MetricsWriter, Progress
+from launchers.runs.checkpoints import Agree, prune_checksums, write_checksum
+from launchers.runs.preemption import StopRequest
+from launchers.runs.run_io import MetricsWriter, Progress
 
 log = logging.getLogger("launchers.train")
 
@@ -164,7 +164,7 @@ class ChecksumCallback(TrainerCallback):
 
 
 class StopCallback(TrainerCallback):
-    """A stop request (:class:`~launchers.preemption.StopRequest`) ends training after a step, with a checkpoint.
+    """A stop request (:class:`~launchers.runs.preemption.StopRequest`) ends training after a step, with a checkpoint.
 
     Every process shares its request at the end of each optimizer step (one all-reduce), so all stop
     after the same step even when only one got the signal. A checkpoint must fall between rollouts

@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 
 from hydra_plugins.rl_loss_searchpath import register_loss_base
-from launchers.config import RunConfig
+from launchers.config.run_config import RunConfig
 
 SCHEMA_NODE_PREFIX = "base"
 """Group options named ``base`` or ``base_*`` are schema nodes, not options a user picks."""

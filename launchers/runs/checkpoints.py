@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from launchers.run_io import CHECKPOINT_DIR, atomic_write, save_atomic
+from launchers.runs.run_io import CHECKPOINT_DIR, atomic_write, save_atomic
 
 log = logging.getLogger("launchers.train")
 

@@ -19,12 +19,12 @@ from omegaconf import OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue
 from pydantic import ValidationError
 
-from launchers.conf_store import GROUP_SECTIONS, is_schema_node, register_configs, section_options
-from launchers.config import RunConfig
+from launchers.config.conf_store import GROUP_SECTIONS, is_schema_node, register_configs, section_options
+from launchers.config.run_config import RunConfig
 from rl_loss import config_errors
 from rl_loss.config_errors import ConfigError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
 CONFIG_NAME = "config"
 EXIT_CONFIG_ERROR = 2
 

@@ -1,0 +1,1 @@
+"""The launcher's training backends: ``toy`` (the embedded policy, plain PyTorch) and ``hf`` (Hugging Face TRL)."""

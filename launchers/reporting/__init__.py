@@ -1,0 +1,1 @@
+"""Sweep reports: curves and tables per configuration, with seed statistics."""
