@@ -80,8 +80,11 @@ def test_layout_gives_same_rollouts_objective_and_gradient(tmp_path, single_proc
 # The surrogate presets (SPEC §5b). GSPO's sequence ratio needs each sample's log-ratio sum over tokens that
 # live on both CP ranks: one autograd all-reduce per micro-batch. Its second step is off-policy (two steps per
 # rollout), so sequence ratios leave 1 and its 3e-4 / 4e-4 clip binds. sample_mean's pg_loss is ~1e-12 at a
-# rollout's first step (zero-mean advantages): compared with an absolute floor. scalerl (prompt_mean) needs
-# one step per rollout.
+# rollout's first step (zero-mean advantages): compared with an absolute floor. That floor is float32's: the
+# model runs in float32, so each ratio carries ~1e-7 of rounding that depends on the CP split, and a sum of
+# advantages |A| <= ~2 times those ratios differs by up to ~1e-8 between layouts (seen: 1.9e-9 for gspo on a
+# loaded machine); the off-policy second step, far from 0, is compared within 1e-4 relative. scalerl
+# (prompt_mean) needs one step per rollout.
 PRESETS = {
     "gspo": [],
     "cispo": [],
@@ -89,7 +92,7 @@ PRESETS = {
     "scalerl": ["trainer.global_batch_size=16"],
 }
 PRESET_BASE = [arg for arg in BASE if not arg.startswith("loss=")]
-PRESET_FLOORS = {**COMPARED, "pg_loss": 1e-9}
+PRESET_FLOORS = {**COMPARED, "pg_loss": 1e-7}
 
 
 @pytest.mark.slow
