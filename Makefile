@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -c
 
-.PHONY: install train test lint bench schema sweep docs-sweep clean
+.PHONY: install train test test-verl lint bench schema sweep docs-sweep clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,27 @@ train: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(MAKE) test-verl
+
+# verl in a venv of its own (verl's transformers pin differs from TRL's): the CPU torch build first (so verl's
+# requirement does not pull a CUDA one), then verl, then rl-loss editable without dependencies plus what its
+# import and the tests need. An install that fails fails the target: the verl tests never skip.
+VERL_VENV ?= .venv-verl
+VERL_PY := $(VERL_VENV)/bin/python
+VERL_SPEC ?= verl==0.9.1
+# the +cpu build from PyTorch's CPU index (PyPI's Linux torch wheel is the CUDA one)
+VERL_TORCH_SPEC ?= torch==2.13.0+cpu --extra-index-url https://download.pytorch.org/whl/cpu
+VERL_STAMP := $(VERL_VENV)/.installed
+
+$(VERL_STAMP): pyproject.toml
+	test -x $(VERL_PY) || $(PYTHON) -m venv $(VERL_VENV)
+	$(VERL_PY) -c "import torch" 2>/dev/null || $(VERL_PY) -m pip install -q $(VERL_TORCH_SPEC)
+	$(VERL_PY) -m pip install -q "$(VERL_SPEC)" "pydantic>=2.7,<3" "typing-extensions>=4.7" "pytest>=8"
+	$(VERL_PY) -m pip install -q --no-deps -e .
+	touch $(VERL_STAMP)
+
+test-verl: $(VERL_STAMP)
+	$(VERL_PY) -m pytest -q -p no:cacheprovider tests_verl $(VERL_PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check rl_loss launchers benchmarks tests hydra_plugins
@@ -66,3 +87,4 @@ docs-sweep: $(STAMP)
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache .hypothesis
+	rm -rf $(VERL_VENV)

@@ -38,6 +38,7 @@ from pydantic import ValidationError
 
 from rl_loss.config import LossConfig
 from rl_loss.config_errors import ConfigError, format_validation_error, hydra_error_lines, show
+from rl_loss.integrations.verl_config import verl_config_problems
 from rl_loss.loss_files import GROUP, LossFile, field_path, group_options, read_loss_file
 
 EXIT_OK, EXIT_INVALID = 0, 2
@@ -293,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("inputs", nargs="*", metavar="FILE|OVERRIDE",
                         help="loss group YAML files, and/or overrides such as loss=grpo loss.kl_coef=0.01")
     parser.add_argument("--schema", action="store_true", help="print the loss group's JSON Schema and exit")
+    parser.add_argument("--verl", action="append", default=[], metavar="FILE",
+                        help="a verl trainer config whose rl-loss section to check (docs/integrations/verl.md)")
     return parser
 
 
@@ -314,11 +317,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.schema:
         print(json.dumps(loss_group_schema(), indent=2, sort_keys=True))
         return EXIT_OK
-    if not args.inputs:
+    if not args.inputs and not args.verl:
         print("rl-loss-validate: nothing to validate; give loss group YAML files or overrides such as "
               "loss=grpo (see --help)", file=sys.stderr)
         return EXIT_INVALID
-    outcomes = run(args.inputs)
+    outcomes = (run(args.inputs) if args.inputs else []) + [Outcome(p, *verl_config_problems(Path(p))) for p in args.verl]
     for outcome in outcomes:
         for line in outcome.problems:
             print(line, file=sys.stderr)
