@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -175,3 +176,19 @@ def check_slime_env(environ: Mapping[str, str] | None = None) -> tuple[list[str]
     divisor = f", divisor={config.divisor:g}" if config.divisor is not None else ""
     flag = ", needs --calculate-per-token-loss" if config.calculate_per_token_loss else ""
     return [], warnings, f"aggregation={config.aggregation}{divisor}{flag}"
+
+
+def slime_env_main(inputs: list[str], environ: Mapping[str, str] | None = None) -> int:
+    """``rl-loss-validate --slime-env``: print the outcome of :func:`check_slime_env`; exit status 0 or 2."""
+    if inputs:
+        print(f"rl-loss-validate: --slime-env reads ${ENV_VAR} only (got {' '.join(inputs)}); drop the other "
+              f"inputs or validate them without --slime-env", file=sys.stderr)
+        return 2
+    problems, warnings, summary = check_slime_env(environ)
+    for line in problems:
+        print(line, file=sys.stderr)
+    for line in warnings:
+        print(f"{ENV_VAR}: warning: {line}", file=sys.stderr)
+    if not problems:
+        print(f"{ENV_VAR}: ok for slime's pg-loss reducer hook ({summary})")
+    return 2 if problems else 0
