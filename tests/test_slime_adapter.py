@@ -21,7 +21,11 @@ import pytest
 import torch
 
 from rl_loss import ConfigError, LossConfig
-from rl_loss.integrations.slime_reducer import EmptySampleTokenCountWarning, pg_loss_reducer_hook
+from rl_loss.integrations.slime_reducer import (
+    EmptySampleTokenCountWarning,
+    micro_batch_max_seq_lens,
+    pg_loss_reducer_hook,
+)
 
 pytestmark = pytest.mark.usefixtures("single_intra_op_thread")
 
@@ -104,8 +108,10 @@ def slime_step_loss(hook, megatron, step, dp_microbatches, cp_size, per_token, q
             num_tokens = sum(max(float(m.sum()), 1.0) for m in lm)
             for cp_rank in range(cp_size):
                 megatron.cp_rank = cp_rank
-                # SLIME loss.py:1095-1105: reducer = fn(total_lengths, response_lengths, masks, flag); reducer(pg_loss)
-                reducer = hook(tl, rl, lm, per_token)
+                # SLIME loss.py:1095-1105: reducer = fn(total_lengths, response_lengths, masks, flag); reducer(pg_loss);
+                # under bshd the loss-function bridge makes MILES' batch["max_seq_lens"] visible around that call
+                with micro_batch_max_seq_lens({"max_seq_lens": [max_seq_len] * len(mb)} if max_seq_len else {}):
+                    reducer = hook(tl, rl, lm, per_token)
                 local = torch.cat([local_response_slice(values[i], total_lengths[i], response_lengths[i], cp_rank,
                                                         cp_size, qkv_format, max_seq_len) for i in mb])
                 x = float(reducer(local))
@@ -184,13 +190,15 @@ def test_thd_reducer_times_call_site_scaling_sums_to_step_objective(megatron, mo
 
 
 @pytest.mark.parametrize("mode", sorted(CONFIGS))
-def test_bshd_without_context_parallelism_sums_to_step_objective(megatron, mode):
+@pytest.mark.parametrize("cp_size", [1, 2, 3, 4])
+def test_bshd_reducer_times_call_site_scaling_sums_to_step_objective(megatron, mode, cp_size):
     config = CONFIGS[mode]
-    rng = random.Random(mode)
-    step = random_step(rng, n=6)
-    got = slime_step_loss(pg_loss_reducer_hook(config), megatron, step, random_partition(rng, 6, 2), 1,
-                          config.calculate_per_token_loss, qkv_format="bshd")
-    assert got == pytest.approx(objective(mode, step[2], step[3], config.divisor), rel=1e-12, abs=1e-12)
+    rng = random.Random(f"bshd-{mode}-{cp_size}")
+    for trial in range(2):
+        step = random_step(rng, n=6)
+        got = slime_step_loss(pg_loss_reducer_hook(config), megatron, step, random_partition(rng, 6, 1 + trial), cp_size,
+                              config.calculate_per_token_loss, qkv_format="bshd")
+        assert got == pytest.approx(objective(mode, step[2], step[3], config.divisor), rel=1e-12, abs=1e-12)
 
 
 def test_constant_hook_divides_token_sum_by_divisor_and_slime_by_rollouts(megatron):
@@ -215,11 +223,36 @@ def test_reducer_output_keeps_the_gradient_of_the_local_values(megatron):
 # --- what the hook refuses or warns about -------------------------------------------------------------------
 
 
-def test_bshd_with_context_parallelism_is_refused_naming_qkv_format(megatron):
+def test_bshd_with_context_parallelism_outside_the_bridge_is_refused_naming_qkv_format(megatron):
     megatron.args.qkv_format, megatron.cp_size = "bshd", 2
     hook = pg_loss_reducer_hook(LossConfig())
-    with pytest.raises(ValueError, match=r"^qkv_format: bshd with context parallelism \(cp_size=2\)"):
+    with pytest.raises(ValueError, match=r"^qkv_format: bshd with context parallelism \(cp_size=2\).*custom-loss-function-path"):
         hook([5], [3], [torch.ones(3)], False)
+
+
+def test_loss_function_bridge_runs_miles_policy_loss_with_max_seq_lens_visible(megatron, monkeypatch):
+    # MILES miles/backends/training_utils/loss_hub/losses.py:62-67 (signature) and :276-287 (the hook's call)
+    monkeypatch.setenv("RL_LOSS_CONFIG", "aggregation=constant divisor=4")
+    monkeypatch.delitem(sys.modules, "rl_loss.integrations.slime", raising=False)
+    import rl_loss.integrations.slime as adapter
+
+    def miles_policy_loss(args, batch, logits, sum_of_sample_mean):
+        reducer = adapter.get_pg_loss_reducer(batch["total_lengths"], batch["response_lengths"], batch["loss_masks"],
+                                              args.calculate_per_token_loss)
+        return reducer(logits), {}
+
+    losses = types.ModuleType("miles.backends.training_utils.loss_hub.losses")
+    losses.policy_loss_function = miles_policy_loss
+    monkeypatch.setitem(sys.modules, "miles.backends.training_utils.loss_hub.losses", losses)
+    for name in ("miles", "miles.backends", "miles.backends.training_utils", "miles.backends.training_utils.loss_hub"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    megatron.args.qkv_format, megatron.cp_size, megatron.cp_rank = "bshd", 2, 1
+    # T = 6, R = 4 (prompt 2), width 8 -> c = 2: rank 1 holds positions [2,4) and [4,6): logits 2..4 score
+    # response tokens 1..3 (position 1 scores token 0, on rank 0); masks 1, values 1, 2, 3 -> (1+2+3) / 4 = 1.5
+    batch = {"total_lengths": [6], "response_lengths": [4], "loss_masks": [torch.ones(4)], "max_seq_lens": [8]}
+    args = types.SimpleNamespace(calculate_per_token_loss=False)
+    loss, _ = adapter.policy_loss_function(args, batch, torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64), None)
+    assert float(loss) == pytest.approx(1.5, rel=1e-12)
 
 
 @pytest.mark.parametrize(("aggregation", "flag"), [("token_mean", False), ("sample_mean", True)])

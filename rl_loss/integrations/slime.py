@@ -15,9 +15,10 @@ module. Checked against THUDM/slime 624b824a and radixark/miles 31f1ca96; see do
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 from rl_loss.integrations.slime_config import SlimeNotice, load_env_config
-from rl_loss.integrations.slime_reducer import PgLossReducerHook, pg_loss_reducer_hook
+from rl_loss.integrations.slime_reducer import PgLossReducerHook, micro_batch_max_seq_lens, pg_loss_reducer_hook
 
 LOSS_CONFIG, _NOTICES = load_env_config()
 for _line in _NOTICES:
@@ -26,4 +27,20 @@ for _line in _NOTICES:
 get_pg_loss_reducer: PgLossReducerHook = pg_loss_reducer_hook(LOSS_CONFIG)
 """slime's ``--custom-pg-loss-reducer-function-path`` hook for the loss configuration in ``RL_LOSS_CONFIG``."""
 
-__all__ = ["LOSS_CONFIG", "get_pg_loss_reducer"]
+
+
+def policy_loss_function(args: Any, batch: Any, logits: Any, sum_of_sample_mean: Any) -> Any:
+    """miles' ``--custom-loss-function-path`` bridge for bshd with context parallelism.
+
+    ``--loss-type custom_loss --custom-loss-function-path rl_loss.integrations.slime.policy_loss_function``:
+    runs miles' own ``policy_loss_function`` (``miles/backends/training_utils/loss_hub/losses.py``) unchanged,
+    with the micro-batch's ``max_seq_lens`` visible to :data:`get_pg_loss_reducer`, which needs the padded
+    width to find a CP rank's tokens under bshd. Same signature and return as miles' function.
+    """
+    from miles.backends.training_utils.loss_hub.losses import policy_loss_function as miles_policy_loss
+
+    with micro_batch_max_seq_lens(batch):
+        return miles_policy_loss(args, batch, logits, sum_of_sample_mean)
+
+
+__all__ = ["LOSS_CONFIG", "get_pg_loss_reducer", "policy_loss_function"]

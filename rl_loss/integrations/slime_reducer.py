@@ -27,13 +27,20 @@ Hence the served modes and their reducer outputs (each exact under the condition
 - token_mean (needs ``--calculate-per-token-loss``): ``sum_i sum_t m*l``; divided by slime's token count it is
   J when no sample of the step has an all-zero loss mask (slime counts such a sample as one token).
 
+Layouts: ``thd`` at every CP size. ``bshd`` (miles) cuts CP chunks from the padded width ``max_seq_lens``,
+which the hook is not given: with context parallelism it is read from :func:`micro_batch_max_seq_lens`,
+which the loss-function bridge ``rl_loss.integrations.slime.policy_loss_function`` opens around miles'
+own policy loss; without the bridge the hook raises.
+
 This module imports megatron only inside :func:`megatron_cp_layout` / :func:`megatron_qkv_format`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -45,6 +52,36 @@ from rl_loss.step import StepBatch
 
 PgLossReducerHook = Callable[..., Callable[[Tensor], Tensor]]
 """``get_pg_loss_reducer(total_lengths, response_lengths, loss_masks, calculate_per_token_loss=False)``."""
+
+
+_MAX_SEQ_LENS: contextvars.ContextVar[Sequence[int] | None] = contextvars.ContextVar("rl_loss_max_seq_lens", default=None)
+"""The micro-batch's ``max_seq_lens`` (miles' bshd padded width) while the loss-function bridge runs."""
+
+
+@contextlib.contextmanager
+def micro_batch_max_seq_lens(batch: Mapping[str, Any]) -> Iterator[None]:
+    """Make ``batch["max_seq_lens"]`` (miles, bshd) visible to the pg-loss reducer hook inside the block."""
+    token = _MAX_SEQ_LENS.set(batch.get("max_seq_lens"))
+    try:
+        yield
+    finally:
+        _MAX_SEQ_LENS.reset(token)
+
+
+def _bshd_width(cp_size: int) -> int:
+    """The bshd padded width of the current micro-batch, from the loss-function bridge (one value for all samples)."""
+    lens = _MAX_SEQ_LENS.get()
+    if lens is None or not len(lens):
+        raise ValueError(
+            f"qkv_format: bshd with context parallelism (cp_size={cp_size}) cuts chunks from the padded width "
+            "max_seq_lens, which the pg-loss reducer hook does not receive (got qkv_format=bshd); add "
+            "--loss-type custom_loss --custom-loss-function-path rl_loss.integrations.slime.policy_loss_function, "
+            "which hands it over, or use --qkv-format thd"
+        )
+    widths = {int(w) for w in (lens.tolist() if isinstance(lens, Tensor) else lens)}
+    if len(widths) != 1:
+        raise ValueError(f"max_seq_lens: bshd pads a micro-batch to one width (got {sorted(widths)})")
+    return widths.pop()
 
 
 class EmptySampleTokenCountWarning(UserWarning):
@@ -154,7 +191,8 @@ def pg_loss_reducer_hook(
     Raises:
         ValueError: for a mode the hook does not serve (here); when the hook is called, for a
             ``calculate_per_token_loss`` that disagrees with the config, bshd with context parallelism
-            (the hook receives no ``max_seq_lens``), or inconsistent lengths and masks.
+            outside :func:`micro_batch_max_seq_lens` (the hook receives no ``max_seq_lens``), or
+            inconsistent lengths and masks.
     """
     if config.custom_pg_reducer is not None or config.aggregation not in HOOK_WEIGHTS:
         raise ValueError(
@@ -174,15 +212,11 @@ def pg_loss_reducer_hook(
         check_per_token_flag(config, calculate_per_token_loss)
         cp_rank, cp_size = read_cp()
         layout = read_format()
-        if layout == "bshd" and cp_size > 1:
-            raise ValueError(
-                f"qkv_format: bshd with context parallelism (cp_size={cp_size}) cuts chunks from the padded width "
-                "max_seq_lens, which the pg-loss reducer hook does not receive (got qkv_format=bshd); "
-                "use --qkv-format thd or no context parallelism"
-            )
+        # with cp_size == 1 a rank holds whole responses in either layout
+        max_seq_len = _bshd_width(cp_size) if layout == "bshd" and cp_size > 1 else None
         step = StepBatch(_lengths("response_lengths", response_lengths), _lengths("total_lengths", total_lengths),
                          list(loss_masks))
-        # with cp_size == 1 a rank holds whole responses in either layout
-        return local_reducer(weights_of(step, config), step, None, cp_rank, cp_size, "thd", None)
+        fmt = "bshd" if max_seq_len is not None else "thd"
+        return local_reducer(weights_of(step, config), step, None, cp_rank, cp_size, fmt, max_seq_len)
 
     return get_pg_loss_reducer
