@@ -20,7 +20,7 @@ import types
 import pytest
 import torch
 
-from rl_loss import ConfigError, LossConfig
+from rl_loss import LossConfig
 from rl_loss.integrations.slime_reducer import (
     EmptySampleTokenCountWarning,
     micro_batch_max_seq_lens,
@@ -132,10 +132,10 @@ def slime_step_loss(hook, megatron, step, dp_microbatches, cp_size, per_token, q
 def objective(mode, masks, values, divisor=None):
     """J of docs/aggregation.md, one loop per formula."""
     n = len(masks)
-    sums = [float((m * v).sum()) for m, v in zip(masks, values)]
+    sums = [float((m * v).sum()) for m, v in zip(masks, values, strict=True)]
     counts = [float(m.sum()) for m in masks]
     if mode == "sample_mean":  # (1/N) sum_i sum_t m l / max(|o_i|, 1)
-        return sum(s / max(c, 1.0) for s, c in zip(sums, counts)) / n
+        return sum(s / max(c, 1.0) for s, c in zip(sums, counts, strict=True)) / n
     if mode == "token_mean":  # sum m l / max(T, 1)
         return sum(sums) / max(sum(counts), 1.0)
     return sum(sums) / (n * divisor)  # constant: sum m l / (N L)
@@ -162,7 +162,7 @@ def random_partition(rng, n, dp):
     rng.shuffle(order)
     k = rng.randint(1, n // dp)
     cuts = sorted(rng.sample(range(1, n), dp * k - 1))
-    bins = [order[a:b] for a, b in zip([0, *cuts], [*cuts, n])]
+    bins = [order[a:b] for a, b in zip([0, *cuts], [*cuts, n], strict=True)]
     return [bins[r * k:(r + 1) * k] for r in range(dp)]
 
 

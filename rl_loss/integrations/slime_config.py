@@ -28,6 +28,7 @@ from pathlib import Path
 from rl_loss.config import LossConfig
 from rl_loss.config_errors import ConfigError, show
 
+
 class SlimeNotice(UserWarning):
     """A loss setting slime computes itself (advantages), with the slime flag that matches it."""
 
