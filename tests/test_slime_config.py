@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import subprocess
 import sys
 
 import pytest
@@ -93,6 +94,16 @@ def test_rl_loss_validate_slime_env_exits_2_with_the_load_time_lines(monkeypatch
     assert main(["--slime-env"]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith(f"{ENV_VAR}: loss.aggregation: prompt_mean needs")
+
+
+@pytest.mark.slow
+def test_slime_modules_import_no_megatron_slime_or_miles():
+    code = (
+        "import sys, rl_loss.integrations.slime_config, rl_loss.integrations.slime_reducer; "
+        "print([m for m in sys.modules if m.split('.')[0] in ('megatron', 'slime', 'miles')])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_slime_env_check_imports_no_megatron(monkeypatch):

@@ -8,7 +8,8 @@ validates it as ``rl-loss-validate`` does and checks that slime's hook can serve
 (:mod:`rl_loss.integrations.slime_config`); a bad configuration raises :class:`~rl_loss.ConfigError`
 with one line per problem and the job stops. ``rl-loss-validate --slime-env`` runs the same check in CI.
 :data:`get_pg_loss_reducer` is the hook (:mod:`rl_loss.integrations.slime_reducer` says what it computes and
-why). megatron-core is imported when the hook is first called; ``import rl_loss`` never imports this
+why). For miles with ``--qkv-format bshd`` and context parallelism, :func:`policy_loss_function` is the
+``--custom-loss-function-path`` bridge that hands the hook the padded width. megatron-core is imported when the hook is first called; ``import rl_loss`` never imports this
 module. Checked against THUDM/slime 624b824a and radixark/miles 31f1ca96; see docs/integrations/slime.md.
 """
 
