@@ -296,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--schema", action="store_true", help="print the loss group's JSON Schema and exit")
     parser.add_argument("--verl", action="append", default=[], metavar="FILE",
                         help="a verl trainer config whose rl-loss section to check (docs/integrations/verl.md)")
+    parser.add_argument("--slime-env", action="store_true",
+                        help="validate $RL_LOSS_CONFIG as rl_loss.integrations.slime does when slime loads it")
     return parser
 
 
@@ -317,6 +319,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.schema:
         print(json.dumps(loss_group_schema(), indent=2, sort_keys=True))
         return EXIT_OK
+    if args.slime_env:  # the slime adapter's load-time check (imports no megatron)
+        from rl_loss.integrations.slime_config import slime_env_main
+
+        return slime_env_main(args.inputs)
     if not args.inputs and not args.verl:
         print("rl-loss-validate: nothing to validate; give loss group YAML files or overrides such as "
               "loss=grpo (see --help)", file=sys.stderr)
