@@ -11,6 +11,35 @@ settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
 
+# Under pytest-xdist (`make test`: one worker per core) each worker is one of the cores: a torch thread
+# pool per worker would only put two threads on each core (and spin-wait), so in-process tests and the
+# processes they start (OMP_NUM_THREADS) use one thread. Results do not depend on it: the launcher sets
+# its own thread count (torch_threads, default 1) and comparisons are made within one process setting.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+SUMMARY_PROPERTY = "summary"
+
+
+@pytest.fixture
+def report_summary(request):
+    """Print a text (a property test's summary) in pytest's closing summary, also from an xdist worker.
+
+    ``capsys.disabled()`` prints from a worker are lost; a report's user properties travel to the
+    controlling process, whose :func:`pytest_terminal_summary` prints them.
+    """
+    return lambda text: request.node.user_properties.append((SUMMARY_PROPERTY, text))
+
+
+def pytest_terminal_summary(terminalreporter):
+    summaries = [value for report in terminalreporter.stats.get("passed", [])
+                 for name, value in getattr(report, "user_properties", ()) if name == SUMMARY_PROPERTY]
+    if summaries:
+        terminalreporter.section("property summaries")
+        for text in summaries:
+            terminalreporter.line(text.strip("\n"))
+
 
 @pytest.fixture(scope="module")
 def single_intra_op_thread():
