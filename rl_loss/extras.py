@@ -8,7 +8,9 @@ typing-extensions). An integration or the launcher needs its extra (``pyproject.
 
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
+import sys
 
 
 def missing_extra(extra: str, needed_by: str, module: str) -> ModuleNotFoundError:
@@ -20,11 +22,26 @@ def missing_extra(extra: str, needed_by: str, module: str) -> ModuleNotFoundErro
 
 
 def is_installed(module: str) -> bool:
-    """Whether ``module`` can be imported (found on the path), without importing it (only its parents)."""
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):  # a missing parent package, or a module blocked by sys.modules[name] = None
-        return False
+    """Whether ``module`` can be imported, found on the path without importing it or its parent packages.
+
+    A name set to ``None`` in ``sys.modules`` counts as missing (as ``import`` treats it).
+    """
+    path = None
+    parts = module.split(".")
+    for depth in range(1, len(parts) + 1):
+        name = ".".join(parts[:depth])
+        if name in sys.modules:
+            if sys.modules[name] is None:
+                return False
+            path = getattr(sys.modules[name], "__path__", None)
+            continue
+        if depth > 1 and path is None:  # the parent is not a package
+            return False
+        spec = importlib.util.find_spec(name) if depth == 1 else importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None:
+            return False
+        path = spec.submodule_search_locations
+    return True
 
 
 def require_extra(extra: str, modules: tuple[str, ...], needed_by: str) -> None:
