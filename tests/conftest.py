@@ -42,6 +42,10 @@ def pytest_terminal_summary(terminalreporter):
             terminalreporter.line(text.strip("\n"))
 
 
+LONGEST_FILES = ("test_distributed.py", "test_preemption.py")
+"""The two files of torchrun launches, 3-4 minutes of one worker each (`--durations`): always started first."""
+
+
 def pytest_collection_modifyitems(items):
     """Files with the most slow tests first, each file's tests in their own order.
 
@@ -51,7 +55,7 @@ def pytest_collection_modifyitems(items):
     """
     slow = Counter(item.path for item in items if item.get_closest_marker("slow"))
     first_seen = {path: n for n, path in enumerate(dict.fromkeys(item.path for item in items))}
-    items.sort(key=lambda item: (-slow[item.path], first_seen[item.path]))  # stable: a file's order is kept
+    items.sort(key=lambda item: (item.path.name not in LONGEST_FILES, -slow[item.path], first_seen[item.path]))
 
 
 @pytest.fixture(scope="module")
