@@ -24,8 +24,11 @@ install: $(STAMP)
 train: $(STAMP)
 	$(PY) -m launchers.train $(ARGS)
 
+# One pytest-xdist worker per core (-n auto); each test file runs whole on one worker (--dist loadfile), so
+# a file's module fixtures (a built wheel, a trained run) are made once. PYTEST_ARGS adds options.
+PYTEST_XDIST ?= -n auto --dist loadfile
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(PYTEST_XDIST) $(PYTEST_ARGS)
 	$(MAKE) test-verl
 
 # verl in a venv of its own (verl's transformers pin differs from TRL's): the CPU torch build first (so verl's

@@ -2,7 +2,10 @@
 
 import sys
 
-from launchers.reporting.report import main
+from launchers.extras import require_launcher
 
 if __name__ == "__main__":
+    require_launcher()
+    from launchers.reporting.report import main
+
     sys.exit(main())

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from launchers.config.backends import import_entry
 from launchers.config.conf_store import register_configs
 from launchers.config.preflight import CONFIG_DIR, CONFIG_NAME, ConfigError, validate_run, world_size_from_env
+from launchers.extras import require_backend, require_launcher
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name=CONFIG_NAME, version_base=None)
@@ -30,6 +31,7 @@ def hydra_job(cfg: DictConfig) -> float | None:
     except ConfigError as err:
         print("Invalid configuration:\n  " + "\n  ".join(err.problems), file=sys.stderr)
         raise SystemExit(2) from None
+    require_backend(config.backend.kind)
     train = import_entry(config.backend.entry_point)  # the backend's trainer, imported only now
     factory = hydra.utils.instantiate(cfg.loss)  # the loss group's _target_: rl_loss.build_reducer_factory
     return train(config, HydraConfig.get().runtime.output_dir, factory=factory)
@@ -57,6 +59,7 @@ def torchrun_run_dir() -> str:
 def main(argv: list[str] | None = None) -> None:
     """Validate the command line, then hand it to Hydra."""
     argv = sys.argv[1:] if argv is None else argv
+    require_launcher()
     register_configs()
     if any(a in ("--help", "-h") for a in argv):
         from launchers.config.cli_help import render_help
@@ -67,6 +70,8 @@ def main(argv: list[str] | None = None) -> None:
     from launchers.config.preflight import preflight
 
     jobs = preflight(argv)
+    for kind in sorted({job.config.backend.kind for job in jobs or ()}):
+        require_backend(kind)
     if world_size_from_env() > 1 and not any(a.startswith("hydra.run.dir=") for a in argv):
         # Hydra stamps each process's folder with its own clock; ranks must share one run folder.
         argv = [*argv, f"hydra.run.dir={torchrun_run_dir()}"]

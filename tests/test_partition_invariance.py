@@ -398,11 +398,10 @@ def test_reducer_reads_local_values_in_the_layout_order():
 # --- summary -------------------------------------------------------------------------------------------
 
 
-def test_property_summary_reports_examples_and_largest_errors(capsys):
+def test_property_summary_reports_examples_and_largest_errors(report_summary):
     """Prints the hypothesis example counts and the largest relative errors of this file's properties."""
     if not SEEN.examples:
         pytest.skip("the property tests of this module did not run in this session")
     for key, value in SEEN.max_error.items():
         assert value <= TOLERANCE[torch.float32 if "float32" in key else torch.float64], key
-    with capsys.disabled():
-        print(SEEN.summary("partition invariance"))
+    report_summary(SEEN.summary("partition invariance"))

@@ -251,10 +251,9 @@ def test_trl_bnpo_over_micro_batches_is_a_per_micro_batch_token_mean_not_a_step_
     assert abs(float(step_value.detach()) - float(theirs.detach())) / float(step_size) > 1e-2
 
 
-def test_parity_summary_reports_largest_errors(capsys):
+def test_parity_summary_reports_largest_errors(report_summary):
     """Prints the largest errors seen by this file's parity properties."""
     if not MAX_ERROR:
         pytest.skip("the parity tests of this module did not run in this session")
     assert max(MAX_ERROR.values()) <= TOLERANCE
-    with capsys.disabled():
-        print("\n[peer parity vs liger-kernel] max error: " + ", ".join(f"{k}={v:.2g}" for k, v in sorted(MAX_ERROR.items())))
+    report_summary("[peer parity vs liger-kernel] max error: " + ", ".join(f"{k}={v:.2g}" for k, v in sorted(MAX_ERROR.items())))

@@ -142,9 +142,8 @@ def test_cispo_cap_is_one_plus_eps_clip_high_in_liger_terms():
     assert relative(wrong, loss) > 1e-2
 
 
-def test_liger_parity_summary_reports_largest_relative_errors(capsys):
+def test_liger_parity_summary_reports_largest_relative_errors(report_summary):
     if not MAX_ERROR:
         pytest.skip("the parity tests of this module did not run in this session")
-    with capsys.disabled():
-        print("\n[liger parity] max relative error (float32 liger vs float64 rl-loss): "
-              + ", ".join(f"{k}={v:.2g}" for k, v in sorted(MAX_ERROR.items())))
+    report_summary("[liger parity] max relative error (float32 liger vs float64 rl-loss): "
+                   + ", ".join(f"{k}={v:.2g}" for k, v in sorted(MAX_ERROR.items())))

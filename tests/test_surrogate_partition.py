@@ -200,11 +200,10 @@ def test_gspo_gradient_crosses_cp_ranks_exactly(qkv_format, data):
     SEEN.record(f"gspo_cp_gradient[{qkv_format}]", {f"gspo_cp_{k}": v for k, v in errors.items()})
 
 
-def test_property_summary_reports_examples_and_largest_errors(capsys):
+def test_property_summary_reports_examples_and_largest_errors(report_summary):
     """Prints the example counts and the largest relative errors of this file's properties."""
     if not SEEN.examples:
         pytest.skip("the property tests of this module did not run in this session")
     for key, value in SEEN.max_error.items():
         assert value <= TOLERANCE[torch.float32 if "float32" in key else torch.float64], key
-    with capsys.disabled():
-        print(SEEN.summary("surrogate partition"))
+    report_summary(SEEN.summary("surrogate partition"))

@@ -8,8 +8,11 @@ of rl-loss stays invisible. Every test checks where rl-loss was imported from.
 
 from __future__ import annotations
 
+import email.message
+import email.parser
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -86,7 +89,10 @@ def fresh_venv(wheel, tmp_path_factory) -> Path:
     site = Path(run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"]).stdout.strip())
     # A path line, not `import site; site.addsitedir(...)`: the test environment's .pth files (the
     # editable install's import hook among them) are not run, so only the wheel provides rl-loss.
-    (site / "zz_test_dependencies.pth").write_text(sysconfig.get_path("purelib") + "\n")
+    # Every site-packages folder of the test environment: a venv layered on another (a .pth path line to
+    # the base venv's site-packages) reaches the base's packages too.
+    dependencies = [sysconfig.get_path("purelib"), *(p for p in sys.path if p.endswith("site-packages"))]
+    (site / "zz_test_dependencies.pth").write_text("".join(f"{p}\n" for p in dict.fromkeys(dependencies)))
     probe = "import importlib.util as u; print([n for n in ('rl_loss', 'rl_loss_conf', 'hydra', 'pydantic') if u.find_spec(n)])"
     assert run([python, "-c", probe], cwd=env_dir).stdout.strip() == "['hydra', 'pydantic']"  # no rl-loss before the wheel
     subprocess.run(
@@ -131,7 +137,7 @@ def assert_from_wheel(result: dict, fresh_venv: Path) -> None:
 def test_wheel_ships_every_package_file_and_every_loss_preset(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     files = repository_files()
-    python_files = [f for f in files if f.endswith(".py") and f.split("/")[0] in ("rl_loss", "launchers", "benchmarks", "hydra_plugins")]
+    python_files = [f for f in files if f.endswith(".py") and f.split("/")[0] in ("rl_loss", "launchers", "hydra_plugins")]
     missing = sorted(f for f in python_files if f not in names)
     assert not missing, f"not in the wheel (add their package to [tool.setuptools] packages in pyproject.toml): {missing}"
     presets = [f for f in files if f.startswith("conf/loss/") and f.endswith(".yaml")]
@@ -139,6 +145,45 @@ def test_wheel_ships_every_package_file_and_every_loss_preset(wheel):
     assert {f"rl_loss_conf/loss/{Path(f).name}" for f in presets} <= names
     assert "hydra_plugins/__init__.py" not in names  # it would shadow every other package's plugins
     assert "hydra_plugins/rl_loss_searchpath/__init__.py" in names
+
+
+def test_wheel_installs_no_benchmarks_package(wheel):
+    # benchmarks run from the checkout (python -m benchmarks.x); a top-level `benchmarks` in site-packages
+    # would shadow any other project's
+    assert [n for n in zipfile.ZipFile(wheel).namelist() if n.split("/")[0] == "benchmarks"] == []
+
+
+def wheel_metadata(wheel: Path) -> email.message.Message:
+    with zipfile.ZipFile(wheel) as zf:
+        (name,) = [n for n in zf.namelist() if n.endswith(".dist-info/METADATA")]
+        return email.parser.Parser().parsestr(zf.read(name).decode())
+
+
+def requirement_names(lines: list[str]) -> dict[str | None, set[str]]:
+    """Extra (None: the library itself) -> the distribution names it requires, from Requires-Dist lines."""
+    by_extra: dict[str | None, set[str]] = {}
+    for line in lines:
+        requirement, _, marker = line.partition(";")
+        extra = re.search(r"""extra\s*==\s*["']([^"']+)["']""", marker)
+        name = re.match(r"[A-Za-z0-9_.-]+", requirement.strip()).group(0).lower().replace("_", "-")
+        by_extra.setdefault(extra.group(1) if extra else None, set()).add(name)
+    return by_extra
+
+
+def test_wheel_requires_only_the_library_dependencies_and_offers_the_extras(wheel):
+    metadata = wheel_metadata(wheel)
+    requires = requirement_names(metadata.get_all("Requires-Dist"))
+    assert requires[None] == {"torch", "pydantic", "hydra-core", "omegaconf", "typing-extensions"}
+    assert {"launcher", "megatron", "trl", "liger", "all", "dev"} <= set(metadata.get_all("Provides-Extra"))
+    assert requires["launcher"] == {"tensorboard", "tqdm", "matplotlib", "megatron-core",
+                                    "hydra-joblib-launcher", "hydra-submitit-launcher"}
+    assert requires["megatron"] == {"megatron-core"}
+    assert requires["trl"] >= {"trl", "transformers"}
+    assert requires["liger"] == {"liger-kernel"}
+    # [all] is the other extras by name; [dev] pulls [all] and the test tools, xdist among them
+    all_line = next(line for line in metadata.get_all("Requires-Dist") if re.search(r"""extra\s*==\s*["']all["']""", line))
+    assert set(re.search(r"\[([^\]]+)\]", all_line).group(1).split(",")) >= {"launcher", "megatron", "trl", "liger"}
+    assert {"rl-loss", "pytest", "pytest-xdist", "hypothesis"} <= requires["dev"]
 
 
 def test_app_composes_drgrpo_with_a_divisor_from_the_wheel(fresh_venv, app):

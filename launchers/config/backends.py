@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from typing_extensions import Self
 
-from launchers.backends.hf.grpo_args import TRL_RULES, trl_layout_summary
+from launchers.config.trl_rules import TRL_RULES, trl_layout_summary
 
 if TYPE_CHECKING:
     from launchers.config.run_config import RunConfig

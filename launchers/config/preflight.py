@@ -9,6 +9,7 @@ models, and every problem is printed as one line naming the field, the value and
 from __future__ import annotations
 
 import os
+import re
 import sys
 import warnings
 from dataclasses import dataclass
@@ -82,7 +83,28 @@ def field_names(loc: list[str]) -> list[str]:
 
 
 def _hydra_error_lines(err: Exception, override: str | None = None) -> list[str]:
+    if hint := multirun_hint(str(err)):
+        return [hint]
     return config_errors.hydra_error_lines(err, override, RunConfig, hidden_options=is_schema_node, names_at=field_names)
+
+
+def multirun_hint(text: str) -> str | None:
+    """Hydra's error for a sweep on a command line without ``--multirun``, on one line that keeps its hint.
+
+    Hydra explains ``loss=grpo,dapo`` without ``-m`` over four lines (list, quoted string, or "add
+    --multirun to your command line"); the launcher prints one line per problem, so the three readings
+    go on one. ``range()``/``choice()``/``glob()`` sweeps get Hydra's one-line "requires --multirun".
+    """
+    ambiguous = re.match(r"Ambiguous value for argument '([^']+)'", text)
+    if ambiguous:
+        return (
+            f"{ambiguous.group(1)}: ambiguous value: to sweep over it, add --multirun (-m) to your command line; "
+            f"to use it as a list write key=[value1,value2]; as a string quote it: key='value1,value2'"
+        )
+    sweep = re.match(r"Sweep parameters '([^']+)' requires --multirun", text)
+    if sweep:
+        return f"{sweep.group(1)}: a sweep requires --multirun: add --multirun (-m) to your command line"
+    return None
 
 
 def compose_job(overrides: list[str], world_size: int = 1) -> Job:

@@ -92,8 +92,12 @@ import torch
 from torch import Tensor
 
 from rl_loss.aggregation import ReducerFactory, TokenReducer
+from rl_loss.extras import require_extra
 from rl_loss.policy_loss import policy_loss
 from rl_loss.step import StepBatch
+
+# megatron-core is not imported here, but nothing calls these loss functions without its schedule.
+require_extra("megatron", ("megatron.core",), "rl_loss.integrations.megatron")
 
 MEGATRON_CORE_CHECKED = "0.16.1"
 """megatron-core release whose schedule, DDP and finalize_model_grads the scaling was derived from."""

@@ -57,7 +57,15 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from trl import GRPOTrainer
+
+from rl_loss.extras import missing_extra
+
+try:
+    from trl import GRPOTrainer
+except ModuleNotFoundError as err:  # trl or one of its own dependencies (transformers, accelerate, datasets)
+    if (err.name or "").split(".")[0] not in ("trl", "transformers", "accelerate", "datasets"):
+        raise
+    raise missing_extra("trl", "rl_loss.integrations.trl", err.name) from None
 
 from rl_loss.aggregation import EmptyStepWarning, ReducerFactory, TokenReducer
 from rl_loss.config import LossConfig

@@ -1,22 +1,18 @@
-"""The one place where a launcher run becomes TRL's ``GRPOConfig`` (``backend=trl``), and what TRL cannot honour.
+"""The one place where a launcher run becomes TRL's ``GRPOConfig`` (``backend=trl``).
 
 :func:`grpo_config_kwargs` maps every launcher field TRL has a counterpart for (README, "Real models
-with TRL", shows the same table); :data:`UNSUPPORTED_BY_TRL` lists the launcher fields it has none
-for. A field of that table set to anything but its default is rejected before any model work
-(:data:`TRL_RULES`, run by the run schema's cross-section validator), so no setting is silently
-ignored. This module imports neither trl nor transformers: validation and ``dry_run=true`` stay light.
-
-World size: under ``accelerate launch`` (which starts its processes through torchrun) ``WORLD_SIZE``
-is the number of data-parallel processes; TRL has no context parallelism, so DP = world size, and
-``trainer.global_batch_size = micro_batch_size * gradient_accumulation_steps * world size``.
+with TRL", shows the same table); :data:`UNSUPPORTED_BY_TRL` (re-exported from
+:mod:`launchers.config.trl_rules`, where the run schema's rules that reject them live) lists the
+launcher fields it has none for. This module imports neither trl nor transformers: validation and
+``dry_run=true`` stay light.
 """
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from launchers.config.trl_rules import ALSO_HONOURED, UNSUPPORTED_BY_TRL, gradient_accumulation_steps  # noqa: F401 (re-exported)
 from rl_loss.config import LossConfig
 
 if TYPE_CHECKING:
@@ -24,38 +20,6 @@ if TYPE_CHECKING:
 
 CHECKPOINT_SUBDIR = "checkpoints"
 KEEP_CHECKPOINTS = 3
-
-UNSUPPORTED_BY_TRL: dict[str, str] = {
-    "parallel.cp_size": "TRL's GRPOTrainer has no context parallelism; use data parallelism (accelerate launch)",
-    "parallel.qkv_format": "TRL packs no sequences across CP ranks, so the CP layout has no meaning there",
-    "parallel.backend": "accelerate picks the torch.distributed backend; configure it with `accelerate config`",
-    "loss.advantage_eps": "TRL computes the advantages and adds a fixed 1e-4 to the group std",
-}
-"""Launcher fields (dotted paths) that TRL cannot honour: rejected with backend=trl unless at their default."""
-
-ALSO_HONOURED: dict[str, tuple[Any, ...]] = {"loss.advantage_eps": (1e-4,)}
-"""Values besides the default that TRL does honour for a field of :data:`UNSUPPORTED_BY_TRL`."""
-
-
-def gradient_accumulation_steps(cfg: RunConfig, world_size: int) -> int:
-    """Micro-batches per optimizer step on each process: global_batch_size / (micro_batch_size * world_size)."""
-    return cfg.trainer.global_batch_size // (cfg.trainer.micro_batch_size * max(world_size, 1))
-
-
-def steps_per_generation(cfg: RunConfig, world_size: int) -> int:
-    """TRL's steps_per_generation: micro-batches per process in one rollout (GA * steps per rollout)."""
-    return cfg.rollout_samples // (cfg.trainer.micro_batch_size * max(world_size, 1))
-
-
-def trl_layout_summary(cfg: RunConfig, world_size: int) -> str:
-    """The GRPOConfig batch figures of ``cfg`` on ``world_size`` processes, for the dry-run summary."""
-    return (
-        f"DP={max(world_size, 1)} through accelerate; GRPOConfig num_generations={cfg.rollout.n_samples_per_prompt} "
-        f"generation_batch_size={cfg.rollout_samples} per_device_train_batch_size={cfg.trainer.micro_batch_size} "
-        f"gradient_accumulation_steps={gradient_accumulation_steps(cfg, world_size)} "
-        f"steps_per_generation={steps_per_generation(cfg, world_size)}"
-    )
-
 
 GRPO_CONFIG_FIELDS: dict[str, tuple[str, ...]] = {
     "rollout.prompts_per_rollout": ("generation_batch_size",),
@@ -161,48 +125,3 @@ def trl_loss_config(cfg: RunConfig) -> LossConfig:
     sets every field, so the defaults are passed as defaults.
     """
     return LossConfig.model_validate(cfg.loss.model_dump(by_alias=True, exclude_defaults=True))
-
-
-@functools.cache
-def _defaults() -> RunConfig:
-    from launchers.config.run_config import RunConfig
-
-    return RunConfig()
-
-
-def _value_at(cfg: Any, path: str) -> Any:
-    return functools.reduce(getattr, path.split("."), cfg)
-
-
-def _unsupported_fields_at_default(cfg: RunConfig, world_size: int) -> str | None:
-    problems = []
-    for path, reason in UNSUPPORTED_BY_TRL.items():
-        value, default = _value_at(cfg, path), _value_at(_defaults(), path)
-        if value != default and value not in ALSO_HONOURED.get(path, ()):
-            problems.append(f"{path}: backend=trl cannot honour it: {reason} (got {value!r}); remove it (default {default!r})")
-    return "\n".join(problems) or None
-
-
-def _two_samples_per_prompt(cfg: RunConfig, world_size: int) -> str | None:
-    if cfg.rollout.n_samples_per_prompt < 2:
-        return (
-            f"rollout.n_samples_per_prompt: TRL's GRPOTrainer needs at least 2 samples per prompt for group advantages "
-            f"(got {cfg.rollout.n_samples_per_prompt}); set 2 or more"
-        )
-    return None
-
-
-def _checkpoints_between_rollouts(cfg: RunConfig, world_size: int) -> str | None:
-    # TRL keeps a rollout's unused micro-batches in memory only: a checkpoint inside a rollout would
-    # resume on a fresh rollout, not on the rest of the saved one.
-    if not cfg.whole_rollouts(cfg.trainer.save_every):
-        return (
-            f"trainer.save_every: with backend=trl a checkpoint must fall between rollouts, every multiple of the "
-            f"{cfg.steps_per_rollout} optimizer steps per rollout (got {cfg.trainer.save_every}); "
-            f"use a multiple of {cfg.steps_per_rollout}"
-        )
-    return None
-
-
-TRL_RULES = (_unsupported_fields_at_default, _two_samples_per_prompt, _checkpoints_between_rollouts)
-"""Cross-section rules that only apply with backend=trl (rl_loss's launcher runs them from the run schema)."""
