@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import os
 import re
 import sys
 import tempfile
@@ -34,13 +35,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
 from rl_loss.config import LossConfig
-from rl_loss.config_errors import ConfigError, format_validation_error, hydra_error_lines, show
-from rl_loss.loss_files import GROUP, LossFile, field_path, group_options, read_loss_file
+from rl_loss.config_errors import ConfigError, hydra_error_lines, show, validate_model
+from rl_loss.custom_reducer import load_custom_reducer
+from rl_loss.loss_files import GROUP, LossFile, field_path, group_options, read_loss_file, resolver_problem
 
 EXIT_OK, EXIT_INVALID = 0, 2
+MAX_OVERRIDE_CHARS = 1000
 INPUT_NAME = "rl_loss_validate_input"  # the file under validation, as an option of the loss group
 PRIMARY_NAME = "rl_loss_validate"
 PRESETS_SEARCH_PATH = "pkg://rl_loss_conf"
@@ -133,6 +134,10 @@ def resolve_loss(node: Any) -> dict[str, Any]:
     fields = {f.alias or name for name, f in LossConfig.model_fields.items()}
     data, problems = {}, []
     for key in raw:
+        unsafe = resolver_problem(json.dumps(raw[key], default=str))  # a preset, file or override may call one
+        if unsafe:
+            problems.append(f"{field_path(str(key))}: {unsafe} (got {show(raw[key])})")
+            continue
         if key not in fields:  # an unknown key is reported as such, whatever its value
             data[key] = raw[key]
             continue
@@ -157,15 +162,15 @@ def validate_loss(data: dict[str, Any]) -> tuple[LossConfig, list[str]]:
     """
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        try:
-            config = LossConfig.model_validate(data)
-        except ValidationError as err:
-            raise ConfigError(format_validation_error(err, LossConfig, prefix=GROUP)) from None
+        config = validate_model(LossConfig, data, prefix=GROUP)  # field and cross-field problems at once
     return config, [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
 
 
-def check(overrides: list[str], loss_file: LossFile | None, label: str) -> Outcome:
-    """Compose, resolve and validate one input; every problem becomes a line naming its source."""
+def check(overrides: list[str], loss_file: LossFile | None, label: str, import_custom: bool = False) -> Outcome:
+    """Compose, resolve and validate one input; every problem becomes a line naming its source.
+
+    ``custom_pg_reducer`` is imported (running its module's code) only with ``import_custom``.
+    """
     given = {override_key(loss_override(o)): o for o in overrides if override_key(o) != GROUP}
     preset = next((o for o in overrides if override_key(o) == GROUP), None)
 
@@ -199,6 +204,15 @@ def check(overrides: list[str], loss_file: LossFile | None, label: str) -> Outco
         return outcome
     divisor = f", divisor={config.divisor:g}" if config.divisor is not None else ""
     outcome.summary = f"aggregation={config.aggregation}{divisor}"
+    if config.custom_pg_reducer is not None:
+        if not import_custom:
+            outcome.summary += f", custom_pg_reducer={config.custom_pg_reducer} not imported (--import-custom checks it)"
+        else:
+            try:
+                load_custom_reducer(config.custom_pg_reducer)
+            except ValueError as err:
+                problem = f"{GROUP}.{err}"
+                outcome.problems = [f"{source(problem)}: {problem}"]
     return outcome
 
 
@@ -208,11 +222,28 @@ def _line_number(source: str, loss_file: LossFile) -> int:
 
 
 def unparsable_overrides(overrides: list[str]) -> list[str]:
-    """One line per override that is not Hydra override syntax."""
+    """One line per override that is not Hydra override syntax, or that this validator will not apply.
+
+    Refused without being parsed: overrides over MAX_OVERRIDE_CHARS, those of Hydra's own settings
+    (``hydra.searchpath=[pkg://...]`` would import a module) and resolver calls other than oc.select.
+    """
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parser, problems = OverridesParser.create(), []
     for override in overrides:
+        if len(override) > MAX_OVERRIDE_CHARS:
+            problems.append(f"{show(override)}: is {len(override)} characters, over the limit of "
+                            f"{MAX_OVERRIDE_CHARS}; a loss override is KEY=VALUE")
+            continue
+        root = re.split(r"[./@=]", override.lstrip("+~"), maxsplit=1)[0]
+        if root == "hydra":
+            problems.append(f"{show(override)}: Hydra's own settings cannot be overridden here (they can name "
+                            "modules to import); drop it")
+            continue
+        unsafe = resolver_problem(override)
+        if unsafe:
+            problems.append(f"{show(override)}: {unsafe}")
+            continue
         try:
             parser.parse_overrides([loss_override(override)])
         except Exception as err:  # Hydra's OverrideParseException, or anything its grammar raises
@@ -244,13 +275,18 @@ def composition_problems(err: Exception, overrides: list[str], loss_file: LossFi
     return [temporary_names.sub(lambda _: label, where + line) for line in lines]
 
 
-def check_file(path: str, overrides: list[str]) -> Outcome:
+def check_file(path: str, overrides: list[str], import_custom: bool = False) -> Outcome:
     """Validate one loss group file (with the overrides applied on top)."""
     try:
         loss_file = read_loss_file(Path(path))
     except ConfigError as err:
         return Outcome(path, problems=err.problems)
-    return check(overrides, loss_file, path)
+    return check(overrides, loss_file, path, import_custom)
+
+
+def check_overrides(overrides: list[str], import_custom: bool = False) -> Outcome:
+    """Validate ``loss=PRESET key=value ...`` overrides on their own, as an app's command line would compose them."""
+    return check(overrides, None, " ".join(overrides), import_custom)
 
 
 # --- the JSON Schema -------------------------------------------------------------------------------------------
@@ -293,19 +329,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("inputs", nargs="*", metavar="FILE|OVERRIDE",
                         help="loss group YAML files, and/or overrides such as loss=grpo loss.kl_coef=0.01")
     parser.add_argument("--schema", action="store_true", help="print the loss group's JSON Schema and exit")
+    parser.add_argument("--import-custom", action="store_true",
+                        help="also import loss.custom_pg_reducer and call it on a two-sample step: this RUNS the named "
+                        "module's code, so never use it on files you do not trust (off by default: only the "
+                        "'module:function' shape is checked)")
     return parser
 
 
-def run(inputs: list[str]) -> list[Outcome]:
+def run(inputs: list[str], import_custom: bool = False) -> list[Outcome]:
     """Validate files (each with the overrides) or, without files, the overrides alone."""
     files, overrides = split_inputs(inputs)
     if not files:
-        return [check(overrides, None, " ".join(overrides))]
+        return [check_overrides(overrides, import_custom)]
     presets = [o for o in overrides if override_key(o) == GROUP]
     if presets:
         return [Outcome(p, problems=[f"{p}: a preset cannot be combined with files (each file is the loss group); "
                                      "drop it or validate it without files"]) for p in presets]
-    return [check_file(path, overrides) for path in files]
+    return [check_file(path, overrides, import_custom) for path in files]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -318,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         print("rl-loss-validate: nothing to validate; give loss group YAML files or overrides such as "
               "loss=grpo (see --help)", file=sys.stderr)
         return EXIT_INVALID
-    outcomes = run(args.inputs)
+    outcomes = run(args.inputs, args.import_custom)
     for outcome in outcomes:
         for line in outcome.problems:
             print(line, file=sys.stderr)
@@ -329,5 +369,13 @@ def main(argv: list[str] | None = None) -> int:
     return EXIT_INVALID if any(o.problems for o in outcomes) else EXIT_OK
 
 
+def _without_working_directory_on_path() -> None:
+    """``python -m`` puts the working directory first on sys.path; a checkout under review could then shadow
+    a module that Hydra imports (its ``hydra_plugins`` packages). The console script has no such entry."""
+    if sys.path and sys.path[0] in ("", os.getcwd()):
+        del sys.path[0]
+
+
 if __name__ == "__main__":
+    _without_working_directory_on_path()
     sys.exit(main())
