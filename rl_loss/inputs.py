@@ -120,3 +120,13 @@ def same_shape_floats(**named: Tensor) -> None:
             raise ValueError(
                 f"{name} must have the shape of {first}, {tuple(shape)}, one value per token (got {describe(value)})"
             )
+
+
+def real_number(name: str, value: Any, *, optional: bool = False, positive: bool = True) -> None:
+    """A finite Python number (not a bool, not a tensor) for a coefficient such as a clip range or temperature."""
+    if optional and value is None:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) < float("inf")
+    if not ok or (positive and not value > 0):
+        need = "a finite number > 0" if positive else "a finite number"
+        raise ValueError(f"{name} must be {need}{' or None' if optional else ''} (got {describe(value)})")
