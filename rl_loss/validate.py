@@ -65,8 +65,15 @@ def split_inputs(items: list[str]) -> tuple[list[str], list[str]]:
     """(files, overrides): an item with ``=`` that is not an existing path is an override."""
     files, overrides = [], []
     for item in items:
-        (overrides if "=" in item and not Path(item).exists() else files).append(item)
+        (overrides if "=" in item and not _exists(item) else files).append(item)
     return files, overrides
+
+
+def _exists(item: str) -> bool:
+    try:
+        return Path(item).exists()
+    except (OSError, ValueError):  # a name too long for a path, or one with a NUL: not a file
+        return False
 
 
 def loss_override(text: str) -> str:
