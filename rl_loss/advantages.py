@@ -6,9 +6,8 @@ later holds each sample: callers pass the rewards of the full rollout, never a s
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from rl_loss.inputs import accumulation_dtype, describe, float_tensor, integer_vector
+from rl_loss.inputs import accumulation_dtype, float_tensor, integer_vector
 from rl_loss.layout import check_cp_args, local_token_index
 from rl_loss.step import StepBatch
 
