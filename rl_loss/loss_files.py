@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import re
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -146,16 +146,26 @@ class LossFile:
     path: Path
     text: str
     key_lines: dict[str, int]
+    siblings: dict[str, LossFile] = field(default_factory=dict)
+    """Files of the same ``loss/`` folder that its defaults list names (transitively), each read and checked."""
 
 
 def read_loss_file(path: Path) -> LossFile:
-    """Read and parse a loss group file.
+    """Read and parse a loss group file, and the siblings its defaults list names.
 
     Raises:
         ConfigError: a missing, unreadable, non-regular, oversized, non-UTF-8, syntactically broken, empty or
             non-mapping file; anchors, aliases, deep nesting or non-standard tags; duplicate or non-string
             top-level keys and resolvers other than oc.select (these last two: one line each, all at once).
     """
+    loss_file = read_loss_file_alone(path)
+    if path.resolve().parent.name == GROUP and "defaults" in loss_file.key_lines:
+        loss_file.siblings = _named_siblings(loss_file)
+    return loss_file
+
+
+def read_loss_file_alone(path: Path) -> LossFile:
+    """Read and parse one loss group file (see :func:`read_loss_file`)."""
     import yaml
 
     data = _read_bounded(path)
@@ -198,6 +208,28 @@ def read_loss_file(path: Path) -> LossFile:
     if problems:
         raise ConfigError(problems)
     return LossFile(path, text, key_lines)
+
+
+def _named_siblings(loss_file: LossFile) -> dict[str, LossFile]:
+    """Sibling files a file's defaults list names, read with every check above (Hydra reads none of the folder)."""
+    import yaml
+
+    found: dict[str, LossFile] = {}
+    pending = [loss_file]
+    while pending:
+        current = pending.pop()
+        entries = (yaml.safe_load(current.text) or {}).get("defaults") or []
+        for entry in entries if isinstance(entries, list) else []:
+            name = entry if isinstance(entry, str) else entry.get(GROUP) if isinstance(entry, dict) else None
+            if not isinstance(name, str) or name in found or not re.fullmatch(r"[\w.-]+", name):
+                continue
+            for suffix in (".yaml", ".yml"):
+                candidate = loss_file.path.parent / f"{name}{suffix}"
+                if candidate.name != loss_file.path.name and os.path.lexists(candidate):
+                    found[name] = read_loss_file_alone(candidate)
+                    pending.append(found[name])
+                    break
+    return found
 
 
 def group_options(loss_file: LossFile | None = None) -> list[str]:

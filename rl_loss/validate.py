@@ -105,9 +105,7 @@ def compose_loss(overrides: list[str], loss_file: LossFile | None) -> Any:
     from hydra_plugins.rl_loss_searchpath import register_loss_base
 
     register_loss_base()
-    search_path = [PRESETS_SEARCH_PATH]
-    if loss_file is not None and loss_file.path.resolve().parent.name == GROUP:
-        search_path.insert(0, loss_file.path.resolve().parent.parent.as_uri())  # siblings it may extend
+    search_path = [PRESETS_SEARCH_PATH]  # siblings are copied in below, checked: Hydra reads no folder of the user's
     primary = {"defaults": [{GROUP: "base"}, "_self_"], "hydra": {"searchpath": search_path}}
     with tempfile.TemporaryDirectory(prefix="rl-loss-validate-") as tmp:
         # JSON is YAML: no quoting trouble with paths.
@@ -115,6 +113,8 @@ def compose_loss(overrides: list[str], loss_file: LossFile | None) -> Any:
         if loss_file is not None:
             (Path(tmp) / GROUP).mkdir()
             (Path(tmp) / GROUP / f"{INPUT_NAME}.yaml").write_text(loss_file.text, encoding="utf-8")
+            for sibling_name, sibling in loss_file.siblings.items():
+                (Path(tmp) / GROUP / f"{sibling_name}.yaml").write_text(sibling.text, encoding="utf-8")
             name = INPUT_NAME
             if "defaults" not in loss_file.key_lines:  # a plain mapping: on top of LossConfig's defaults
                 name = f"{INPUT_NAME}_on_base"

@@ -267,3 +267,21 @@ def test_random_alias_structures_end_in_exit_0_or_2_fast(capsys, tmp_path, piece
     status, out, err = validate(capsys, path)
     assert time.perf_counter() - start < 10.0
     assert_one_line_per_problem(path, status, out, err)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
+def test_a_fifo_sibling_named_in_the_defaults_list_is_refused_without_blocking(capsys, tmp_path):
+    (tmp_path / "loss").mkdir()
+    os.mkfifo(tmp_path / "loss" / "trap.yaml")
+    path = write(tmp_path, "defaults:\n  - trap\n  - _self_\nkl_coef: 0.01\n", "loss/mine.yaml")
+    assert only_problem(capsys, path, bound=TIME_BOUND_S) == (
+        f"{tmp_path / 'loss' / 'trap.yaml'}: is not a regular file (a FIFO, device or socket); give a YAML file"
+    )
+
+
+def test_a_sibling_alias_bomb_named_in_the_defaults_list_is_refused(capsys, tmp_path):
+    (tmp_path / "loss").mkdir()
+    write(tmp_path, ALIAS_BOMB, "loss/bomb.yaml")
+    path = write(tmp_path, "defaults:\n  - bomb\n  - _self_\n", "loss/mine.yaml")
+    line = only_problem(capsys, path, bound=TIME_BOUND_S)
+    assert line.startswith(f"{tmp_path / 'loss' / 'bomb.yaml'}:1: YAML anchors and aliases are not accepted")
