@@ -16,6 +16,15 @@ def _as_lengths(name: str, values: Sequence[int] | Tensor) -> Tensor:
     return integer_vector(name, values)
 
 
+def _is_one_flat_mask(masks: Any) -> bool:
+    """Not a tensor and not a sequence of per-sample masks: an array, a string (refused later), or a list of numbers."""
+    if isinstance(masks, Tensor):
+        return False
+    if not isinstance(masks, Sequence) or isinstance(masks, (str, bytes)):
+        return True
+    return bool(masks) and not isinstance(masks[0], Tensor) and not hasattr(masks[0], "__len__")
+
+
 def _as_mask(name: str, mask: Any) -> Tensor:
     """One mask as a tensor: a tensor as given, a list / tuple / array of 0/1 numbers converted (exact)."""
     if isinstance(mask, Tensor):
@@ -118,12 +127,8 @@ class StepBatch:
     def _flatten_masks(self) -> Tensor:
         masks = self.loss_masks
         refuse_iterators("loss_masks", masks)
-        if not isinstance(masks, (Tensor, Sequence)) or isinstance(masks, (str, bytes)):
-            masks = _as_mask("loss_masks", masks)  # an array: one flat mask
-        elif not isinstance(masks, Tensor) and masks and not isinstance(masks[0], (Tensor, Sequence)) and not hasattr(
-            masks[0], "__len__"
-        ):
-            masks = _as_mask("loss_masks", masks)  # a flat list of numbers
+        if _is_one_flat_mask(masks):  # an array, or a flat list of 0/1 numbers: converted exactly
+            masks = _as_mask("loss_masks", masks)
         if isinstance(masks, Tensor):
             refuse_meta("loss_masks", masks)
             if masks.dim() != 1 or masks.numel() != int(self.response_lengths_t.sum()):
