@@ -244,3 +244,16 @@ def test_every_public_callable_is_swept():
     # the classes and functions a user calls: a new public function joins the sweep by being in __all__
     assert {"StepBatch", "ReducerFactory", "LossConfig", "group_advantages", "policy_loss",
             "local_response_ranges", "build_step_weights", "sequence_importance_ratio"} <= set(PUBLIC_CALLABLES)
+
+
+def test_the_launchers_preflight_refuses_os_system_before_step_one():
+    from launchers.config.preflight import compose_job
+    from rl_loss.config_errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        compose_job(["loss.custom_pg_reducer=os:system"])
+    assert info.value.problems == [
+        "loss.custom_pg_reducer: 'os:system' failed on a two-sample step (TypeError: expected str, bytes or "
+        "os.PathLike object, not StepBatch); use 'package.module:function' naming a function step -> one weight "
+        "per response token"
+    ]
