@@ -18,6 +18,10 @@ Exit status 0 when every configuration is valid (warnings are printed), 2 otherw
 problem on stderr: ``SOURCE: loss.FIELD: what is wrong (got VALUE); fix``, where SOURCE is ``FILE`` or
 ``FILE:LINE``, or the override responsible. No input gives a traceback.
 
+Each kind of input has its own module: :mod:`rl_loss.loss_files` (files) and :mod:`rl_loss.loss_overrides`
+(overrides); this one composes, validates and reports. Nothing named in an input is imported or resolved
+unless ``--import-custom`` is given (docs/trust-library.md).
+
 This module imports Hydra only inside :func:`main`'s work; ``import rl_loss`` never imports it.
 """
 
@@ -39,9 +43,9 @@ from rl_loss.config import LossConfig
 from rl_loss.config_errors import ConfigError, hydra_error_lines, show, validate_model
 from rl_loss.custom_reducer import load_custom_reducer
 from rl_loss.loss_files import GROUP, LossFile, field_path, group_options, read_loss_file, resolver_problem
+from rl_loss.loss_overrides import loss_override, override_key, split_inputs, unparsable_overrides
 
 EXIT_OK, EXIT_INVALID = 0, 2
-MAX_OVERRIDE_CHARS = 1000
 INPUT_NAME = "rl_loss_validate_input"  # the file under validation, as an option of the loss group
 PRIMARY_NAME = "rl_loss_validate"
 PRESETS_SEARCH_PATH = "pkg://rl_loss_conf"
@@ -56,38 +60,6 @@ class Outcome:
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     summary: str = ""
-
-
-# --- inputs -------------------------------------------------------------------------------------------------
-
-
-def split_inputs(items: list[str]) -> tuple[list[str], list[str]]:
-    """(files, overrides): an item with ``=`` that is not an existing path is an override."""
-    files, overrides = [], []
-    for item in items:
-        (overrides if "=" in item and not _exists(item) else files).append(item)
-    return files, overrides
-
-
-def _exists(item: str) -> bool:
-    try:
-        return Path(item).exists()
-    except (OSError, ValueError):  # a name too long for a path, or one with a NUL: not a file
-        return False
-
-
-def loss_override(text: str) -> str:
-    """``divisor=1`` -> ``loss.divisor=1``: keys outside ``loss``/``hydra`` are loss fields here."""
-    body = text.lstrip("+~")
-    key = body.split("=", 1)[0]
-    if not key or key.split(".")[0].split("@")[0] in (GROUP, "hydra"):
-        return text
-    return f"{text[: len(text) - len(body)]}{GROUP}.{body}"
-
-
-def override_key(text: str) -> str:
-    """The dotted key an override sets (``+loss.divisor=1`` -> ``loss.divisor``)."""
-    return text.lstrip("+~").split("=", 1)[0].split("@")[0]
 
 
 # --- composition and validation -------------------------------------------------------------------------------
@@ -226,39 +198,6 @@ def check(overrides: list[str], loss_file: LossFile | None, label: str, import_c
 def _line_number(source: str, loss_file: LossFile) -> int:
     head, _, line = source.rpartition(":")
     return int(line) if head == str(loss_file.path) and line.isdigit() else 0
-
-
-def unparsable_overrides(overrides: list[str]) -> list[str]:
-    """One line per override that is not Hydra override syntax, or that this validator will not apply.
-
-    Refused without being parsed: overrides over MAX_OVERRIDE_CHARS, those of Hydra's own settings
-    (``hydra.searchpath=[pkg://...]`` would import a module) and resolver calls other than oc.select.
-    """
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    parser, problems = OverridesParser.create(), []
-    for override in overrides:
-        if len(override) > MAX_OVERRIDE_CHARS:
-            problems.append(f"{show(override)}: is {len(override)} characters, over the limit of "
-                            f"{MAX_OVERRIDE_CHARS}; a loss override is KEY=VALUE")
-            continue
-        root = re.split(r"[./@=]", override.lstrip("+~"), maxsplit=1)[0]
-        if root == "hydra":
-            problems.append(f"{show(override)}: Hydra's own settings cannot be overridden here (they can name "
-                            "modules to import); drop it")
-            continue
-        unsafe = resolver_problem(override)
-        if unsafe:
-            problems.append(f"{show(override)}: {unsafe}")
-            continue
-        try:
-            parser.parse_overrides([loss_override(override)])
-        except Exception as err:  # Hydra's OverrideParseException, or anything its grammar raises
-            problems.append(
-                f"{override}: not a valid override ({str(err).splitlines()[0]}); write loss.KEY=VALUE, "
-                "e.g. loss.kl_coef=0.01"
-            )
-    return problems
 
 
 def composition_problems(err: Exception, overrides: list[str], loss_file: LossFile | None, label: str) -> list[str]:
