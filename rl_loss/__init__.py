@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import ValidationError
-
 from rl_loss.advantages import group_advantages
 from rl_loss.aggregation import EmptyStepWarning, ReducerFactory, StepWeights, TokenReducer, build_step_weights
 from rl_loss.config import AGGREGATIONS, SURROGATES, DivisorBelowMaxLength, LossConfig, RelabelNotice
-from rl_loss.config_errors import ConfigError, format_validation_error
+from rl_loss.config_errors import ConfigError, validate_model
 from rl_loss.layout import local_response_ranges
 from rl_loss.policy_loss import kl_penalty, policy_loss, truncated_importance_weights
 from rl_loss.step import StepBatch
@@ -27,11 +25,7 @@ def build_reducer_factory(**loss_fields: Any) -> ReducerFactory:
         ConfigError: (a ``ValueError``) with one line per problem, each naming the field as
             ``loss.FIELD``, the value given and the fix.
     """
-    try:
-        config = LossConfig.model_validate(loss_fields)
-    except ValidationError as err:
-        raise ConfigError(format_validation_error(err, LossConfig, prefix="loss")) from None
-    return ReducerFactory(config)
+    return ReducerFactory(validate_model(LossConfig, loss_fields, prefix="loss"))  # field and cross-field lines at once
 
 
 __all__ = [

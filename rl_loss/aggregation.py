@@ -18,7 +18,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from rl_loss.config import LossConfig, import_callable
+from rl_loss.config import AGGREGATIONS, MAX_DIVISOR, LossConfig
+from rl_loss.custom_reducer import custom_weights_of, load_custom_reducer
+from rl_loss.inputs import describe
 from rl_loss.reducer import TokenReducer, local_reducer
 from rl_loss.step import StepBatch
 
@@ -115,7 +117,17 @@ class StepWeights:
 
 
 def build_step_weights(step: StepBatch, aggregation: str, divisor: float | None = None) -> StepWeights:
-    """Per-token weights of ``step`` for a built-in aggregation mode (vectorized, no per-sample loop)."""
+    """Per-token weights of ``step`` for a built-in aggregation mode (vectorized, no per-sample loop).
+
+    Raises:
+        TypeError / ValueError: for a step that is not a StepBatch, an unknown mode, or (constant) a divisor
+            that is not a token count in [1, 2**31].
+    """
+    _require_step(step)
+    if not isinstance(aggregation, str) or aggregation not in SAMPLE_SCALES:
+        raise ValueError(f"aggregation must be one of {', '.join(AGGREGATIONS)} (got {describe(aggregation)})")
+    if aggregation == "constant":
+        _check_divisor(divisor)
     scale = SAMPLE_SCALES[aggregation](step, divisor)
     if scale.numel() and scale.stride(0) == 0:  # one scale for every sample (token_mean, constant)
         weights = step.mask_flat * scale[0]
@@ -123,6 +135,21 @@ def build_step_weights(step: StepBatch, aggregation: str, divisor: float | None 
         weights = torch.repeat_interleave(scale, step.response_lengths_t, output_size=step.num_response_tokens)
         weights.mul_(step.mask_flat)
     return _finish_weights(step, weights)
+
+
+def _require_step(step: StepBatch) -> None:
+    if not isinstance(step, StepBatch):
+        raise TypeError(f"step must be a StepBatch (got {describe(step)}); build one with StepBatch(...)")
+
+
+def _check_divisor(divisor: float | None) -> None:
+    # a token count: 1e-300 would give inf weights (NaN losses), 1e300 zero weights (a silent no-op)
+    ok = isinstance(divisor, (int, float)) and not isinstance(divisor, bool) and 1 <= divisor <= MAX_DIVISOR
+    if not ok:
+        raise ValueError(
+            f"divisor must be a token count in [1, 2**31] with aggregation=constant (got {describe(divisor)}); "
+            "pass the generation budget, e.g. the rollout's max response length"
+        )
 
 
 def _finish_weights(step: StepBatch, weights: Tensor) -> StepWeights:
@@ -149,7 +176,10 @@ class ReducerFactory:
     def __init__(self, config: LossConfig | None = None, *, check_finite: bool = True):
         self.config = config if config is not None else LossConfig()
         self.check_finite = check_finite
-        self._custom = import_callable(self.config.custom_pg_reducer) if self.config.custom_pg_reducer else None
+        if not isinstance(self.config, LossConfig):
+            raise TypeError(f"config must be a LossConfig (got {describe(self.config)}); build one with LossConfig(...)")
+        path = self.config.custom_pg_reducer
+        self._custom = load_custom_reducer(path) if path else None  # imports it: this builds a run
 
     @property
     def aggregation(self) -> str:
@@ -158,6 +188,7 @@ class ReducerFactory:
 
     def step_weights(self, step: StepBatch) -> StepWeights:
         """pg_loss weights of ``step``, built once per step and cached on it."""
+        _require_step(step)
         key = ("pg", self.aggregation, self.config.divisor, self.config.custom_pg_reducer)
         if key not in step._cache:
             if self._custom is not None:
@@ -168,6 +199,7 @@ class ReducerFactory:
 
     def metric_weights(self, step: StepBatch) -> StepWeights:
         """Diagnostic weights of ``step``: always sample_mean, so runs with different modes compare."""
+        _require_step(step)
         key = ("metric", "sample_mean")
         if key not in step._cache:
             with warnings.catch_warnings():
@@ -224,12 +256,7 @@ class ReducerFactory:
 
 
 def _custom_weights(fn: TokenWeightFn, step: StepBatch) -> Tensor:
-    weights = torch.as_tensor(fn(step), dtype=torch.float64).reshape(-1)
-    if weights.numel() != step.num_response_tokens:
-        raise ValueError(
-            f"custom_pg_reducer returned {weights.numel()} weights; expected one per response token "
-            f"({step.num_response_tokens})"
-        )
-    if not bool(torch.isfinite(weights).all()):
-        raise ValueError("custom_pg_reducer returned non-finite token weights")
-    return weights
+    try:
+        return custom_weights_of(fn(step), step)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"custom_pg_reducer {err}") from None

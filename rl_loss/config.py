@@ -8,14 +8,14 @@ from them through :func:`build_reducer_factory`. Rules that need other sections 
 
 from __future__ import annotations
 
-import importlib
 import math
 import warnings
-from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from typing_extensions import Self
+
+from rl_loss.custom_reducer import check_reducer_path
 
 Aggregation = Literal["sample_mean", "prompt_mean", "token_mean", "constant", "trajectory_mean"]
 AGGREGATIONS: tuple[str, ...] = ("sample_mean", "prompt_mean", "token_mean", "constant", "trajectory_mean")
@@ -34,6 +34,9 @@ DEFAULT_SAPO_TAU_NEG = 1.05
 
 FACTORY_TARGET = "rl_loss.build_reducer_factory"
 
+MAX_DIVISOR = 2**31
+"""Upper bound of Dr.GRPO's divisor L, a token count (a generation budget); its lower bound is 1 token."""
+
 
 class RelabelNotice(UserWarning):
     """A setting was accepted under its canonical name (e.g. the per-token flag as token_mean)."""
@@ -41,24 +44,6 @@ class RelabelNotice(UserWarning):
 
 class DivisorBelowMaxLength(UserWarning):
     """Dr.GRPO's divisor is below the longest possible response: pg_loss can exceed token_mean's scale."""
-
-
-def import_callable(path: str) -> Callable[..., Any]:
-    """The callable at ``'package.module:function'`` (or ``'package.module.function'``).
-
-    Raises:
-        ValueError: naming custom_pg_reducer when the path does not import or is not callable.
-    """
-    module_name, sep, attr = path.partition(":") if ":" in path else path.rpartition(".")
-    if not (sep and module_name and attr):
-        raise ValueError(f"custom_pg_reducer: {path!r} is not an import path; use 'package.module:function'")
-    try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"custom_pg_reducer: cannot import {path!r} ({err}); use 'package.module:function'") from None
-    if not callable(fn):
-        raise ValueError(f"custom_pg_reducer: {path!r} is not callable (got {type(fn).__name__})")
-    return fn
 
 
 def _finite_positive(value: float | None) -> bool:
@@ -76,8 +61,8 @@ class LossConfig(BaseModel):
     aggregation: Aggregation = "sample_mean"
     """How pg_loss is averaged over a step: sample_mean (GRPO) | prompt_mean (ScaleRL) | token_mean (DAPO) | constant (Dr.GRPO) | trajectory_mean (agent trajectories of several samples)."""
 
-    divisor: float | None = None
-    """L of Dr.GRPO: pg_loss = masked token sum / (N * L), N = samples per step. Only with aggregation=constant."""
+    divisor: float | None = Field(None, json_schema_extra={"minimum": 1, "maximum": MAX_DIVISOR})
+    """L of Dr.GRPO: pg_loss = masked token sum / (N * L), N = samples per step. A token count in [1, 2**31]. Only with aggregation=constant."""
 
     calculate_per_token_loss: bool = False
     """Megatron's flag: a legacy spelling of aggregation=token_mean (set by it; sample_mean + flag is relabelled)."""
@@ -119,7 +104,7 @@ class LossConfig(BaseModel):
     """eps added to the std of the grpo and grpo_batch_std estimators."""
 
     custom_pg_reducer: str | None = None
-    """Import path 'module:function' (or 'module.function') of a token-weight function step -> flat weights; replaces the aggregation."""
+    """Import path 'module:function' (or 'module.function') of a token-weight function step -> flat weights; replaces the aggregation. Validation checks its shape only; it is imported when a ReducerFactory or a run is built."""
 
     @model_validator(mode="before")
     @classmethod
@@ -161,6 +146,16 @@ class LossConfig(BaseModel):
             )
         return None
 
+    def _divisor_is_a_token_count(self) -> str | None:
+        # L is a generation budget in tokens: 1e-300 gives infinite weights (NaN losses), 1e300 zero weights
+        # (a silent no-op); a fraction of a token is a unit slip
+        if _finite_positive(self.divisor) and not 1 <= self.divisor <= MAX_DIVISOR:
+            return (
+                f"divisor: must be a token count in [1, 2**31] (got {self.divisor:g}); "
+                "set it to the generation budget in tokens, e.g. the rollout's max response length"
+            )
+        return None
+
     def _divisor_only_with_constant(self) -> str | None:
         if self.divisor is not None and self.aggregation != "constant":
             return (
@@ -187,12 +182,11 @@ class LossConfig(BaseModel):
             )
         return None
 
-    def _custom_reducer_importable(self) -> str | None:
+    def _custom_reducer_is_an_import_path(self) -> str | None:
+        # the shape only: validating a config never imports (a file under review may name any module);
+        # ReducerFactory and the launcher's preflight import it through load_custom_reducer
         if self.custom_pg_reducer is not None:
-            try:
-                import_callable(self.custom_pg_reducer)  # fail at validation, not at the first step
-            except ValueError as err:
-                return str(err)
+            return check_reducer_path(self.custom_pg_reducer)
         return None
 
     def _custom_reducer_without_flag(self) -> str | None:
@@ -269,10 +263,11 @@ class LossConfig(BaseModel):
 
 LOSS_RULES = (
     LossConfig._constant_needs_divisor,
+    LossConfig._divisor_is_a_token_count,
     LossConfig._divisor_only_with_constant,
     LossConfig._per_token_flag_keeps_mode,
     LossConfig._custom_reducer_alone,
-    LossConfig._custom_reducer_importable,
+    LossConfig._custom_reducer_is_an_import_path,
     LossConfig._custom_reducer_without_flag,
     LossConfig._sequence_ratio_needs_ppo_clip,
     LossConfig._eps_clip_only_with_ppo_clip,

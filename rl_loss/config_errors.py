@@ -13,7 +13,7 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -140,3 +140,35 @@ def hydra_error_lines(
         return [f"{'.'.join(key)}: unknown key{hint} (got {got})"]
     first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
     return [f"{override + ': ' if override else ''}{first}"]
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def validate_model(model: type[M], data: dict[str, Any], prefix: str = "") -> M:
+    """``model.model_validate(data)``, reporting every problem at once: field errors AND cross-field rules.
+
+    Pydantic runs a model's cross-field rules only when every field is valid, so a file with a bad value
+    and a broken rule would show the first alone. Here the fields with errors are set aside and the rest
+    validated again; a rule's line from that pass is kept unless it names a field set aside (it would
+    blame that field's default, not the user's value).
+
+    Raises:
+        ConfigError: one line per problem, as :func:`format_validation_error` writes them.
+    """
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        problems = format_validation_error(err, model, prefix=prefix)
+        bad = {str(e["loc"][0]) for e in err.errors() if e["loc"]}  # fields (and unknown keys) with errors
+    rest = {k: v for k, v in data.items() if k not in bad}
+    if bad and rest != data:
+        try:
+            model.model_validate(rest)
+        except ValidationError as err:
+            names = [re.escape(name) for name in bad]
+            mentions = re.compile(rf"\b({'|'.join(names)})\b") if names else None
+            for line in format_validation_error(err, model, prefix=prefix):
+                if line not in problems and not (mentions and mentions.search(line)):
+                    problems.append(line)
+    raise ConfigError(problems)

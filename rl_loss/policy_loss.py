@@ -13,6 +13,7 @@ from torch import Tensor
 
 from rl_loss.aggregation import TokenReducer
 from rl_loss.config import LossConfig
+from rl_loss.inputs import describe, float_tensor, same_length_floats, same_shape_floats
 from rl_loss.surrogates import LOG_RATIO_LIMIT, CpAllReduce, clipped_pg_loss, per_token_pg_loss
 
 __all__ = ["LOG_RATIO_LIMIT", "clipped_pg_loss", "kl_penalty", "policy_loss", "truncated_importance_weights"]
@@ -23,6 +24,7 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str) -> Tensor
 
     k1 = d;  k2 = d^2 / 2;  k3 = exp(-d) - 1 + d  (non-negative, unbiased for KL(pi || pi_ref)).
     """
+    same_shape_floats(logprobs=logprobs, ref_logprobs=ref_logprobs)
     d = (logprobs - ref_logprobs).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
     if estimator == "k1":
         return d
@@ -35,6 +37,12 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str) -> Tensor
 
 def truncated_importance_weights(old_logprobs: Tensor, rollout_logprobs: Tensor, low: float, high: float) -> Tensor:
     """TIS: clamp(exp(logp_old_train - logp_rollout), low, high), detached (a correction, not a path)."""
+    same_shape_floats(old_logprobs=old_logprobs, rollout_logprobs=rollout_logprobs)
+    for name, bound in (("low", low), ("high", high)):
+        if isinstance(bound, bool) or not isinstance(bound, (int, float)) or bound != bound:
+            raise ValueError(f"{name} must be a number (got {describe(bound)})")
+    if not 0 <= low <= high:
+        raise ValueError(f"TIS bounds must satisfy 0 <= low <= high (got low={low}, high={high})")
     log_ratio = (old_logprobs - rollout_logprobs).detach().clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
     return torch.exp(log_ratio).clamp(low, high)
 
@@ -79,12 +87,17 @@ def policy_loss(
         counts as clipped, see :mod:`rl_loss.surrogates`), ``ppo_kl``, ``kl_loss``, ``entropy`` (detached
         except the differentiable loss).
     """
+    for name, value, kind in (("pg_reducer", pg_reducer, TokenReducer), ("metric_reducer", metric_reducer, TokenReducer),
+                              ("config", config, LossConfig)):
+        if not isinstance(value, kind):
+            raise TypeError(f"{name} must be a {kind.__name__} (got {describe(value)})")
     n = pg_reducer.num_local_tokens
-    for name, value in (("logprobs", logprobs), ("old_logprobs", old_logprobs), ("advantages", advantages),
-                        ("ref_logprobs", ref_logprobs), ("entropy", entropy), ("tis_weights", tis_weights),
-                        ("rs_mask", rs_mask)):
-        if value is not None and (value.dim() != 1 or value.numel() != n):
-            raise ValueError(f"{name} must be 1-D with this rank's {n} local tokens (got shape {tuple(value.shape)})")
+    same_length_floats(n, logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages,
+                       ref_logprobs=ref_logprobs, entropy=entropy, tis_weights=tis_weights)
+    if rs_mask is not None:
+        float_tensor("rs_mask", rs_mask, allow_integers=True)
+        if rs_mask.dim() != 1 or rs_mask.numel() != n:
+            raise ValueError(f"rs_mask must be 1-D with this rank's {n} local tokens (got shape {tuple(rs_mask.shape)})")
     if config.kl_coef > 0 and ref_logprobs is None:
         raise ValueError(f"ref_logprobs is required when kl_coef > 0 (got kl_coef={config.kl_coef})")
     if config.entropy_coef > 0 and entropy is None:

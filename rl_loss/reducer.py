@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from rl_loss.inputs import accumulation_dtype, float_tensor, integer_vector
 from rl_loss.layout import check_cp_args, local_token_index
 from rl_loss.step import StepBatch
 
@@ -109,6 +110,7 @@ class TokenReducer:
             ValueError: for values of the wrong shape, or a non-finite value at a loss-mask token.
         """
         self._check_local_values(local_values)
+        local_values = local_values.to(accumulation_dtype(local_values.dtype))
         mask, inv_count, counts = self._mean_inputs_for(local_values.dtype, local_values.device)
         if not counts.numel():  # an empty micro-batch
             return local_values.new_zeros(0)
@@ -156,23 +158,29 @@ class TokenReducer:
     def __call__(self, local_values: Tensor) -> Tensor:
         """Partial objective ``sum_k w[k] * local_values[k]`` (differentiable in ``local_values``).
 
+        The sum runs in float64 whatever the values' dtype, and the partial is in at least float32: float16 /
+        bfloat16 values give a float32 partial (a float16 sum of millions of tokens drifts by percents; see
+        docs/trust-library.md).
+
         Raises:
-            ValueError: if ``local_values`` is not 1-D of the rank's local length, or holds a non-finite
-                value at a token with non-zero weight. Non-finite values at masked tokens are ignored.
+            TypeError: if ``local_values`` is not a tensor of floating-point values (integer or boolean
+                values would be reduced in integer arithmetic).
+            ValueError: if ``local_values`` is a meta tensor, is not 1-D of the rank's local length, or holds
+                a non-finite value at a token with non-zero weight. Non-finite values at masked tokens are ignored.
         """
         self._check_local_values(local_values)
-        weights = self.weights(local_values.dtype, local_values.device)
-        partial = torch.dot(local_values, weights)
+        weights = self.weights(torch.float64, local_values.device)
+        partial = _weighted_sum(local_values, weights)
         if self._check_finite and not bool(torch.isfinite(partial)):
             partial = self._reduce_nonfinite(local_values, weights)
         return partial
 
     def _check_local_values(self, local_values: Tensor) -> None:
-        if not isinstance(local_values, Tensor) or local_values.dim() != 1 or local_values.numel() != self.num_local_tokens:
-            shape = tuple(local_values.shape) if isinstance(local_values, Tensor) else type(local_values).__name__
+        float_tensor("local_values", local_values)
+        if local_values.dim() != 1 or local_values.numel() != self.num_local_tokens:
             raise ValueError(
                 f"local_values must be a 1-D tensor of this rank's {self.num_local_tokens} response tokens "
-                f"(its samples' CP pieces concatenated, SPEC §4) (got {shape})"
+                f"(its samples' CP pieces concatenated, docs/cp-layout.md) (got shape {tuple(local_values.shape)})"
             )
 
     def _reduce_nonfinite(self, local_values: Tensor, weights: Tensor) -> Tensor:
@@ -180,7 +188,7 @@ class TokenReducer:
         # garbage (padding, -inf log-probs); an active one may not.
         active = weights != 0
         self._raise_if_nonfinite(local_values, active)
-        return torch.dot(torch.where(active, local_values, torch.zeros_like(local_values)), weights)
+        return _weighted_sum(torch.where(active, local_values, torch.zeros_like(local_values)), weights)  # float64 weights
 
     def _raise_if_nonfinite(self, local_values: Tensor, active: Tensor) -> None:
         bad = torch.nonzero(active & ~torch.isfinite(local_values.detach()))
@@ -193,6 +201,19 @@ class TokenReducer:
                 f"local_values[{k}] (sample {i}, response token {t}) is {float(local_values[k])} at a token "
                 f"with non-zero loss weight; {int(bad.numel())} such value(s) in this micro-batch"
             )
+
+
+def _weighted_sum(values: Tensor, weights64: Tensor) -> Tensor:
+    """``sum_k w[k] * v[k]`` accumulated in float64 whatever the values' dtype, returned in at least float32.
+
+    A float32 BLAS dot on CPU accumulates in a few running sums and drifts (1e7 tokens of token_mean ones
+    give 1.002), and float16 / bfloat16 sums stall (0.954 at 2e6 tokens). Products of float32 (or narrower)
+    values with float64 weights are exact to float64 precision and their float64 sum loses nothing a
+    float32 result would show, so a partial is rounded once, at the end.
+    """
+    if values.dtype == torch.float64:
+        return torch.dot(values, weights64)
+    return torch.dot(values.to(torch.float64), weights64).to(accumulation_dtype(values.dtype))
 
 
 def local_reducer(
@@ -250,11 +271,10 @@ def _is_run(samples: Tensor) -> bool:
 
 
 def _check_sample_indices(sample_indices: Sequence[int] | None, num_samples: int) -> Tensor | None:
+    """The sample numbers as int64; booleans, floats and generators are refused (never read as numbers)."""
     if sample_indices is None:
         return None
-    samples = torch.as_tensor(sample_indices, dtype=torch.long) if len(sample_indices) else torch.zeros(0, dtype=torch.long)
-    if samples.dim() != 1:
-        raise ValueError(f"sample_indices must be a flat sequence of sample numbers (got {sample_indices!r:.80})")
+    samples = integer_vector("sample_indices", sample_indices, what="sample numbers")
     out = torch.nonzero((samples < 0) | (samples >= num_samples))
     if out.numel():
         raise ValueError(

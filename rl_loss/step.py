@@ -9,12 +9,34 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from rl_loss.inputs import describe, integer_vector, refuse_iterators, refuse_meta
+
 
 def _as_lengths(name: str, values: Sequence[int] | Tensor) -> Tensor:
-    lengths = torch.as_tensor(values)
-    if lengths.dim() != 1 or lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
-        raise ValueError(f"{name} must be a 1-D sequence of integers (got {values!r:.80})")
-    return lengths.to(torch.long)
+    return integer_vector(name, values)
+
+
+def _is_one_flat_mask(masks: Any) -> bool:
+    """Not a tensor and not a sequence of per-sample masks: an array, a string (refused later), or a list of numbers."""
+    if isinstance(masks, Tensor):
+        return False
+    if not isinstance(masks, Sequence) or isinstance(masks, (str, bytes)):
+        return True
+    return bool(masks) and not isinstance(masks[0], Tensor) and not hasattr(masks[0], "__len__")
+
+
+def _as_mask(name: str, mask: Any) -> Tensor:
+    """One mask as a tensor: a tensor as given, a list / tuple / array of 0/1 numbers converted (exact)."""
+    if isinstance(mask, Tensor):
+        refuse_meta(name, mask)
+        return mask.detach()
+    refuse_iterators(name, mask)
+    if isinstance(mask, (str, bytes)):
+        raise TypeError(f"{name} must be a 1-D tensor or list of 0/1 values (got {describe(mask)})")
+    try:
+        return torch.as_tensor(mask, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        raise TypeError(f"{name} must be a 1-D tensor or list of 0/1 values (got {describe(mask)})") from None
 
 
 @dataclass(eq=False)
@@ -104,7 +126,11 @@ class StepBatch:
 
     def _flatten_masks(self) -> Tensor:
         masks = self.loss_masks
+        refuse_iterators("loss_masks", masks)
+        if _is_one_flat_mask(masks):  # an array, or a flat list of 0/1 numbers: converted exactly
+            masks = _as_mask("loss_masks", masks)
         if isinstance(masks, Tensor):
+            refuse_meta("loss_masks", masks)
             if masks.dim() != 1 or masks.numel() != int(self.response_lengths_t.sum()):
                 raise ValueError(
                     f"loss_masks as one tensor must be 1-D of length sum(response_lengths)="
@@ -116,6 +142,7 @@ class StepBatch:
                 raise ValueError(
                     f"loss_masks has {len(masks)} entries but there are {self.num_samples} samples; give one per sample"
                 )
+            masks = [_as_mask(f"loss_masks[{i}]", m) for i, m in enumerate(masks)]
             mask_lengths = torch.tensor([m.numel() if m.dim() == 1 else -1 for m in masks], dtype=torch.long)
             bad = torch.nonzero(mask_lengths != self.response_lengths_t)
             if bad.numel():
@@ -128,7 +155,11 @@ class StepBatch:
                 flat = torch.cat(list(masks))
             except RuntimeError:  # masks on several devices
                 flat = torch.cat([m.detach().cpu() for m in masks])
-        flat = flat.detach().cpu()
+        if flat.dtype.is_complex:
+            raise TypeError(f"loss_masks must hold 0/1 values (got {describe(flat)})")
+        # a copy the step owns: rejection sampling applied in place to the caller's mask later must not
+        # change the denominators (they come from the masks before such edits)
+        flat = flat.detach().to(device="cpu", copy=True)
         # m * (m - 1) == 0 exactly iff m is 0 or 1 (NaN propagates through amax): one reduction in the
         # mask's own dtype; the element-wise search below runs only to name a bad entry
         if flat.dtype == torch.bool or not flat.numel() or float(flat.mul(flat - 1).abs_().amax()) == 0:

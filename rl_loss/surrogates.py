@@ -17,6 +17,7 @@ from torch import Tensor
 
 from rl_loss.aggregation import TokenReducer
 from rl_loss.config import LossConfig
+from rl_loss.inputs import describe, real_number, same_length_floats, same_shape_floats
 
 LOG_RATIO_LIMIT = 20.0
 """Log-ratios are clamped to [-20, 20] before exp, so a ratio is always finite."""
@@ -74,6 +75,10 @@ def clipped_pg_loss(
 
     clipfrac counts the tokens where a clip binds. Returns ``(loss, clipped, ratio)``.
     """
+    same_shape_floats(logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages)
+    real_number("eps_clip", eps_clip)
+    real_number("eps_clip_high", eps_clip_high, optional=True)
+    real_number("eps_clip_c", eps_clip_c, optional=True)
     ratio = importance_ratio(logprobs, old_logprobs)
     loss, clipped = ppo_clip_of_ratio(ratio, advantages, eps_clip, eps_clip_high, eps_clip_c)
     return loss, clipped, ratio
@@ -91,6 +96,8 @@ def cispo_pg_loss(
     Returns:
         ``(loss, clipped, ratio)``; the ratio is detached.
     """
+    same_shape_floats(logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages)
+    real_number("eps_clip_high", eps_clip_high)
     ratio = importance_ratio(logprobs.detach(), old_logprobs)
     cap = 1.0 + eps_clip_high
     weight = ratio.clamp(max=cap)
@@ -112,6 +119,9 @@ def sapo_pg_loss(
     Returns:
         ``(loss, clipped, ratio)``.
     """
+    same_shape_floats(logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages)
+    real_number("tau_pos", tau_pos)
+    real_number("tau_neg", tau_neg)
     ratio = importance_ratio(logprobs, old_logprobs)
     tau = ratio.new_full(ratio.shape, tau_neg).masked_fill_(advantages > 0, tau_pos)
     logit = tau * (ratio - 1.0)
@@ -140,14 +150,25 @@ def sequence_importance_ratio(
     Raises:
         ValueError: when the reducer is one of several CP ranks and no ``cp_all_reduce`` is given.
     """
+    if not isinstance(pg_reducer, TokenReducer):
+        raise TypeError(f"pg_reducer must be a TokenReducer (got {describe(pg_reducer)})")
     if cp_all_reduce is None and pg_reducer.cp_size > 1:
         raise ValueError(
             f"cp_all_reduce is required for ratio_level=sequence under context parallelism (got None with "
             f"cp_size={pg_reducer.cp_size}): each sample's log-ratio sum spans CP ranks; pass an autograd-aware "
             "all-reduce over the CP group, e.g. lambda t: torch.distributed.nn.functional.all_reduce(t, group=cp_group)"
         )
+    same_length_floats(pg_reducer.num_local_tokens, logprobs=logprobs, old_logprobs=old_logprobs)
     partial = pg_reducer.sample_partial_means(logprobs - old_logprobs)
     mean_log_ratio = partial if cp_all_reduce is None else cp_all_reduce(partial)
+    if mean_log_ratio is not partial and not (
+        isinstance(mean_log_ratio, torch.Tensor) and mean_log_ratio.shape == partial.shape
+        and mean_log_ratio.dtype.is_floating_point
+    ):
+        raise ValueError(
+            f"cp_all_reduce must return a float tensor of the shape it was given, {tuple(partial.shape)} (one "
+            f"partial per sample of the micro-batch) (got {describe(mean_log_ratio)}); return the all-reduced sum"
+        )
     per_sample = torch.exp(mean_log_ratio.clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT))
     return per_sample.index_select(0, pg_reducer.local_sample_index.to(per_sample.device))
 

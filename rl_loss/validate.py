@@ -18,6 +18,10 @@ Exit status 0 when every configuration is valid (warnings are printed), 2 otherw
 problem on stderr: ``SOURCE: loss.FIELD: what is wrong (got VALUE); fix``, where SOURCE is ``FILE`` or
 ``FILE:LINE``, or the override responsible. No input gives a traceback.
 
+Each kind of input has its own module: :mod:`rl_loss.loss_files` (files) and :mod:`rl_loss.loss_overrides`
+(overrides); this one composes, validates and reports. Nothing named in an input is imported or resolved
+unless ``--import-custom`` is given (docs/trust-library.md).
+
 This module imports Hydra only inside :func:`main`'s work; ``import rl_loss`` never imports it.
 """
 
@@ -26,6 +30,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import os
 import re
 import sys
 import tempfile
@@ -34,12 +39,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
 from rl_loss.config import LossConfig
-from rl_loss.config_errors import ConfigError, format_validation_error, hydra_error_lines, show
+from rl_loss.config_errors import ConfigError, hydra_error_lines, show, validate_model
+from rl_loss.custom_reducer import load_custom_reducer
 from rl_loss.integrations.verl_config import verl_config_problems
-from rl_loss.loss_files import GROUP, LossFile, field_path, group_options, read_loss_file
+from rl_loss.loss_files import GROUP, LossFile, field_path, group_options, read_loss_file, resolver_problem
+from rl_loss.loss_overrides import loss_override, override_key, split_inputs, unparsable_overrides
 
 EXIT_OK, EXIT_INVALID = 0, 2
 INPUT_NAME = "rl_loss_validate_input"  # the file under validation, as an option of the loss group
@@ -58,31 +63,6 @@ class Outcome:
     summary: str = ""
 
 
-# --- inputs -------------------------------------------------------------------------------------------------
-
-
-def split_inputs(items: list[str]) -> tuple[list[str], list[str]]:
-    """(files, overrides): an item with ``=`` that is not an existing path is an override."""
-    files, overrides = [], []
-    for item in items:
-        (overrides if "=" in item and not Path(item).exists() else files).append(item)
-    return files, overrides
-
-
-def loss_override(text: str) -> str:
-    """``divisor=1`` -> ``loss.divisor=1``: keys outside ``loss``/``hydra`` are loss fields here."""
-    body = text.lstrip("+~")
-    key = body.split("=", 1)[0]
-    if not key or key.split(".")[0].split("@")[0] in (GROUP, "hydra"):
-        return text
-    return f"{text[: len(text) - len(body)]}{GROUP}.{body}"
-
-
-def override_key(text: str) -> str:
-    """The dotted key an override sets (``+loss.divisor=1`` -> ``loss.divisor``)."""
-    return text.lstrip("+~").split("=", 1)[0].split("@")[0]
-
-
 # --- composition and validation -------------------------------------------------------------------------------
 
 
@@ -98,9 +78,7 @@ def compose_loss(overrides: list[str], loss_file: LossFile | None) -> Any:
     from hydra_plugins.rl_loss_searchpath import register_loss_base
 
     register_loss_base()
-    search_path = [PRESETS_SEARCH_PATH]
-    if loss_file is not None and loss_file.path.resolve().parent.name == GROUP:
-        search_path.insert(0, loss_file.path.resolve().parent.parent.as_uri())  # siblings it may extend
+    search_path = [PRESETS_SEARCH_PATH]  # siblings are copied in below, checked: Hydra reads no folder of the user's
     primary = {"defaults": [{GROUP: "base"}, "_self_"], "hydra": {"searchpath": search_path}}
     with tempfile.TemporaryDirectory(prefix="rl-loss-validate-") as tmp:
         # JSON is YAML: no quoting trouble with paths.
@@ -108,6 +86,8 @@ def compose_loss(overrides: list[str], loss_file: LossFile | None) -> Any:
         if loss_file is not None:
             (Path(tmp) / GROUP).mkdir()
             (Path(tmp) / GROUP / f"{INPUT_NAME}.yaml").write_text(loss_file.text, encoding="utf-8")
+            for sibling_name, sibling in loss_file.siblings.items():
+                (Path(tmp) / GROUP / f"{sibling_name}.yaml").write_text(sibling.text, encoding="utf-8")
             name = INPUT_NAME
             if "defaults" not in loss_file.key_lines:  # a plain mapping: on top of LossConfig's defaults
                 name = f"{INPUT_NAME}_on_base"
@@ -134,6 +114,10 @@ def resolve_loss(node: Any) -> dict[str, Any]:
     fields = {f.alias or name for name, f in LossConfig.model_fields.items()}
     data, problems = {}, []
     for key in raw:
+        unsafe = resolver_problem(json.dumps(raw[key], default=str))  # a preset, file or override may call one
+        if unsafe:
+            problems.append(f"{field_path(str(key))}: {unsafe} (got {show(raw[key])})")
+            continue
         if key not in fields:  # an unknown key is reported as such, whatever its value
             data[key] = raw[key]
             continue
@@ -158,15 +142,15 @@ def validate_loss(data: dict[str, Any]) -> tuple[LossConfig, list[str]]:
     """
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        try:
-            config = LossConfig.model_validate(data)
-        except ValidationError as err:
-            raise ConfigError(format_validation_error(err, LossConfig, prefix=GROUP)) from None
+        config = validate_model(LossConfig, data, prefix=GROUP)  # field and cross-field problems at once
     return config, [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
 
 
-def check(overrides: list[str], loss_file: LossFile | None, label: str) -> Outcome:
-    """Compose, resolve and validate one input; every problem becomes a line naming its source."""
+def check(overrides: list[str], loss_file: LossFile | None, label: str, import_custom: bool = False) -> Outcome:
+    """Compose, resolve and validate one input; every problem becomes a line naming its source.
+
+    ``custom_pg_reducer`` is imported (running its module's code) only with ``import_custom``.
+    """
     given = {override_key(loss_override(o)): o for o in overrides if override_key(o) != GROUP}
     preset = next((o for o in overrides if override_key(o) == GROUP), None)
 
@@ -200,28 +184,21 @@ def check(overrides: list[str], loss_file: LossFile | None, label: str) -> Outco
         return outcome
     divisor = f", divisor={config.divisor:g}" if config.divisor is not None else ""
     outcome.summary = f"aggregation={config.aggregation}{divisor}"
+    if config.custom_pg_reducer is not None:
+        if not import_custom:
+            outcome.summary += f", custom_pg_reducer={config.custom_pg_reducer} not imported (--import-custom checks it)"
+        else:
+            try:
+                load_custom_reducer(config.custom_pg_reducer)
+            except ValueError as err:
+                problem = f"{GROUP}.{err}"
+                outcome.problems = [f"{source(problem)}: {problem}"]
     return outcome
 
 
 def _line_number(source: str, loss_file: LossFile) -> int:
     head, _, line = source.rpartition(":")
     return int(line) if head == str(loss_file.path) and line.isdigit() else 0
-
-
-def unparsable_overrides(overrides: list[str]) -> list[str]:
-    """One line per override that is not Hydra override syntax."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    parser, problems = OverridesParser.create(), []
-    for override in overrides:
-        try:
-            parser.parse_overrides([loss_override(override)])
-        except Exception as err:  # Hydra's OverrideParseException, or anything its grammar raises
-            problems.append(
-                f"{override}: not a valid override ({str(err).splitlines()[0]}); write loss.KEY=VALUE, "
-                "e.g. loss.kl_coef=0.01"
-            )
-    return problems
 
 
 def composition_problems(err: Exception, overrides: list[str], loss_file: LossFile | None, label: str) -> list[str]:
@@ -245,13 +222,18 @@ def composition_problems(err: Exception, overrides: list[str], loss_file: LossFi
     return [temporary_names.sub(lambda _: label, where + line) for line in lines]
 
 
-def check_file(path: str, overrides: list[str]) -> Outcome:
+def check_file(path: str, overrides: list[str], import_custom: bool = False) -> Outcome:
     """Validate one loss group file (with the overrides applied on top)."""
     try:
         loss_file = read_loss_file(Path(path))
     except ConfigError as err:
         return Outcome(path, problems=err.problems)
-    return check(overrides, loss_file, path)
+    return check(overrides, loss_file, path, import_custom)
+
+
+def check_overrides(overrides: list[str], import_custom: bool = False) -> Outcome:
+    """Validate ``loss=PRESET key=value ...`` overrides on their own, as an app's command line would compose them."""
+    return check(overrides, None, " ".join(overrides), import_custom)
 
 
 # --- the JSON Schema -------------------------------------------------------------------------------------------
@@ -298,19 +280,23 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a verl trainer config whose rl-loss section to check (docs/integrations/verl.md)")
     parser.add_argument("--slime-env", action="store_true",
                         help="validate $RL_LOSS_CONFIG as rl_loss.integrations.slime does when slime loads it")
+    parser.add_argument("--import-custom", action="store_true",
+                        help="also import loss.custom_pg_reducer and call it on a two-sample step: this RUNS the named "
+                        "module's code, so never use it on files you do not trust (off by default: only the "
+                        "'module:function' shape is checked)")
     return parser
 
 
-def run(inputs: list[str]) -> list[Outcome]:
+def run(inputs: list[str], import_custom: bool = False) -> list[Outcome]:
     """Validate files (each with the overrides) or, without files, the overrides alone."""
     files, overrides = split_inputs(inputs)
     if not files:
-        return [check(overrides, None, " ".join(overrides))]
+        return [check_overrides(overrides, import_custom)]
     presets = [o for o in overrides if override_key(o) == GROUP]
     if presets:
         return [Outcome(p, problems=[f"{p}: a preset cannot be combined with files (each file is the loss group); "
                                      "drop it or validate it without files"]) for p in presets]
-    return [check_file(path, overrides) for path in files]
+    return [check_file(path, overrides, import_custom) for path in files]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -327,7 +313,9 @@ def main(argv: list[str] | None = None) -> int:
         print("rl-loss-validate: nothing to validate; give loss group YAML files or overrides such as "
               "loss=grpo (see --help)", file=sys.stderr)
         return EXIT_INVALID
-    outcomes = (run(args.inputs) if args.inputs else []) + [Outcome(p, *verl_config_problems(Path(p))) for p in args.verl]
+    outcomes = (run(args.inputs, args.import_custom) if args.inputs else []) + [
+        Outcome(p, *verl_config_problems(Path(p))) for p in args.verl
+    ]
     for outcome in outcomes:
         for line in outcome.problems:
             print(line, file=sys.stderr)
@@ -338,5 +326,13 @@ def main(argv: list[str] | None = None) -> int:
     return EXIT_INVALID if any(o.problems for o in outcomes) else EXIT_OK
 
 
+def _without_working_directory_on_path() -> None:
+    """``python -m`` puts the working directory first on sys.path; a checkout under review could then shadow
+    a module that Hydra imports (its ``hydra_plugins`` packages). The console script has no such entry."""
+    if sys.path and sys.path[0] in ("", os.getcwd()):
+        del sys.path[0]
+
+
 if __name__ == "__main__":
+    _without_working_directory_on_path()
     sys.exit(main())

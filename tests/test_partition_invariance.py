@@ -145,7 +145,7 @@ def partitioned_steps(draw, qkv_format: str) -> Case:
     whole = num_cells == 1 and draw(st.booleans())
     if whole:
         cells = [list(range(n))]
-    divisor = draw(st.floats(0.5, 64.0, allow_nan=False, allow_infinity=False), label="L")
+    divisor = draw(st.floats(1.0, 64.0, allow_nan=False, allow_infinity=False), label="L")
     seed = draw(st.integers(0, 2**31 - 1))
     return Case(response, total, masks, groups, trajectories, cells, max_seq_lens, cp_size, qkv_format, divisor, whole, seed)
 

@@ -106,6 +106,12 @@ def test_relabelled_per_token_flag_is_valid_with_a_warning(capsys):
 # --- every cross-field rule of LossConfig, through overrides --------------------------------------------------
 
 RULE_CASES = {
+    "_divisor_is_a_token_count": (
+        ["loss=drgrpo", "loss.divisor=1e-300"],
+        # 1e-300 passes "finite and > 0" but 1 / (N * 1e-300) overflows: a token count is at least 1
+        "loss.divisor=1e-300: loss.divisor: must be a token count in [1, 2**31] (got 1e-300); set it to the "
+        "generation budget in tokens, e.g. the rollout's max response length",
+    ),
     "_constant_needs_divisor": (
         ["loss=drgrpo"],
         f"loss=drgrpo: loss.divisor: must be a finite number > 0 when aggregation=constant (got None); {DIVISOR_FIX}",
@@ -127,10 +133,10 @@ RULE_CASES = {
         f"aggregation=prompt_mean would be silently ignored (got '{CUSTOM}'); "
         "leave aggregation at sample_mean or drop custom_pg_reducer",
     ),
-    "_custom_reducer_importable": (
-        ["loss.custom_pg_reducer=no_such_module:fn"],
-        "loss.custom_pg_reducer=no_such_module:fn: loss.custom_pg_reducer: cannot import 'no_such_module:fn' "
-        "(No module named 'no_such_module'); use 'package.module:function'",
+    "_custom_reducer_is_an_import_path": (
+        ["loss.custom_pg_reducer=no_colon_or_dot"],
+        "loss.custom_pg_reducer=no_colon_or_dot: loss.custom_pg_reducer: 'no_colon_or_dot' is not an import path; "
+        "use 'package.module:function' naming a function step -> one weight per response token",
     ),
     "_custom_reducer_without_flag": (
         [f"loss.custom_pg_reducer={CUSTOM}", "loss.calculate_per_token_loss=true"],

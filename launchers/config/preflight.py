@@ -24,6 +24,7 @@ from launchers.config.conf_store import GROUP_SECTIONS, is_schema_node, register
 from launchers.config.run_config import RunConfig
 from rl_loss import config_errors
 from rl_loss.config_errors import ConfigError
+from rl_loss.custom_reducer import load_custom_reducer
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
 CONFIG_NAME = "config"
@@ -137,7 +138,17 @@ def compose_job(overrides: list[str], world_size: int = 1) -> Job:
         raise ConfigError([f"interpolation: {str(err).splitlines()[0]}"]) from None
     _check_group_tags(data, choices)
     config, warns = validate_run(data, world_size)
+    _check_custom_reducer(config)
     return Job(tuple(overrides), config, tuple(warns))
+
+
+def _check_custom_reducer(config: RunConfig) -> None:
+    """Import and probe ``loss.custom_pg_reducer`` now (a run was asked for), so it fails here, not at step 1."""
+    if config.loss.custom_pg_reducer is not None:
+        try:
+            load_custom_reducer(config.loss.custom_pg_reducer)
+        except ValueError as err:
+            raise ConfigError([f"loss.{err}"]) from None
 
 
 def _check_group_tags(data: dict[str, Any], choices: dict[str, str | None]) -> None:
