@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
 from launchers.config.preflight import ConfigError, compose_job, preflight
 
@@ -225,7 +226,14 @@ def test_cli_help_lists_groups_and_every_loss_field():
     assert result.returncode == 0
     assert "loss: cispo, dapo, drgrpo, grpo, gspo, sapo, scalerl" in result.stdout
     for name, field in LossConfig.model_fields.items():
-        if name != "target":
+        if name == "target":
+            continue
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):  # a nested section
+            assert f"loss.{name}: {field.description}" in result.stdout
+            for inner, inner_field in field.annotation.model_fields.items():
+                assert f"loss.{name}.{inner} (" in result.stdout
+                assert inner_field.description in result.stdout
+        else:
             assert f"loss.{name} (" in result.stdout
             assert field.description in result.stdout
 
