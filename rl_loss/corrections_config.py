@@ -93,12 +93,12 @@ class RolloutCorrection(BaseModel):
         return None
 
     def _ratio_bounds_ordered(self) -> str | None:
-        if self.rs is not None and self.rs.endswith("k1") and self.rs_threshold_high is not None:
-            if self.ratio_low > self.rs_threshold_high:
-                return (
-                    f"rs_threshold_low: must not exceed rs_threshold_high={self.rs_threshold_high} "
-                    f"(got {self.ratio_low}); every token would be rejected"
-                )
+        ordered = self.rs is None or not self.rs.endswith("k1") or self.rs_threshold_high is None
+        if not ordered and self.ratio_low > self.rs_threshold_high:
+            return (
+                f"rs_threshold_low: must not exceed rs_threshold_high={self.rs_threshold_high} "
+                f"(got {self.ratio_low}); every token would be rejected"
+            )
         return None
 
     @property

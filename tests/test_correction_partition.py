@@ -22,7 +22,15 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rl_loss import AGGREGATIONS, EmptyStepWarning, LossConfig, ReducerFactory, RelabelNotice, covariance_selection, policy_loss
+from rl_loss import (
+    AGGREGATIONS,
+    EmptyStepWarning,
+    LossConfig,
+    ReducerFactory,
+    RelabelNotice,
+    covariance_selection,
+    policy_loss,
+)
 from tests.test_partition_invariance import (
     FORMATS,
     TOLERANCE,
@@ -127,13 +135,14 @@ def partitioned_loss(case: Case, config: LossConfig, x: dict, selection: torch.T
 
         recorded: list[list[torch.Tensor]] = [[] for _ in ranks]
         for r, (pg, metric, i) in enumerate(ranks):
-            run(pg, metric, i, lambda t, r=r: recorded[r].append(t.detach()) or t)
+            run(pg, metric, i, lambda t, own=recorded[r]: own.append(t.detach()) or t)
         for r, (pg, metric, i) in enumerate(ranks):
-            calls = iter(range(len(recorded[r])))
+            others = [calls for q, calls in enumerate(recorded) if q != r]
+            counter = iter(range(len(recorded[r])))
 
-            def replay(t, r=r, calls=calls):
-                k = next(calls)
-                return t + sum((recorded[q][k] for q in range(len(ranks)) if q != r), torch.zeros_like(t))
+            def replay(t, others=others, counter=counter):
+                k = next(counter)  # call k of this rank meets call k of every other rank of the group
+                return t + sum((calls[k] for calls in others), torch.zeros_like(t))
 
             total = total + run(pg, metric, i, replay)
     return total
