@@ -250,3 +250,21 @@ def test_max_response_len_must_reach_the_largest_target():
 
 def test_adam_betas_must_be_below_one():
     assert only_problem("optim.betas=[0.9,1.0]").startswith("optim.betas: each must be in [0, 1)")
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (["loss.cov_penalty=clip_cov"], "loss.cov_penalty: backend=toy"),
+        (["loss.rollout_correction.rs=token_k1", "loss.rollout_correction.rs_threshold_high=2"],
+         "loss.rollout_correction: backend=toy"),
+        (["backend=trl", "model=hf_tiny", "loss.cov_penalty=kl_cov"], "loss.cov_penalty: backend=trl cannot honour it"),
+    ],
+)
+def test_a_correction_the_backend_cannot_feed_is_rejected_before_any_work(overrides, field):
+    assert only_problem(*overrides).startswith(field)
+
+
+def test_opsm_and_kl_aggregation_run_on_the_toy_backend():
+    job = compose_job(["loss.off_policy_mask_delta=0.1", "loss.kl_aggregation=pg"])
+    assert job.config.loss.off_policy_mask_delta == 0.1 and job.config.loss.kl_aggregation == "pg"
