@@ -8,8 +8,12 @@ from rl_loss.advantages import group_advantages
 from rl_loss.aggregation import EmptyStepWarning, ReducerFactory, StepWeights, TokenReducer, build_step_weights
 from rl_loss.config import AGGREGATIONS, SURROGATES, DivisorBelowMaxLength, LossConfig, RelabelNotice
 from rl_loss.config_errors import ConfigError, validate_model
+from rl_loss.corrections_config import RolloutCorrection
+from rl_loss.covariance import covariance_selection
 from rl_loss.layout import local_response_ranges
 from rl_loss.policy_loss import kl_penalty, policy_loss, truncated_importance_weights
+from rl_loss.rollout_correction import rollout_correction_terms
+from rl_loss.sample_masks import off_policy_sequence_mask
 from rl_loss.step import StepBatch
 from rl_loss.surrogates import cispo_pg_loss, clipped_pg_loss, sapo_pg_loss, sequence_importance_ratio
 
@@ -36,6 +40,7 @@ __all__ = [
     "LossConfig",
     "ReducerFactory",
     "RelabelNotice",
+    "RolloutCorrection",
     "SURROGATES",
     "StepBatch",
     "StepWeights",
@@ -44,10 +49,13 @@ __all__ = [
     "build_step_weights",
     "cispo_pg_loss",
     "clipped_pg_loss",
+    "covariance_selection",
     "group_advantages",
     "kl_penalty",
     "local_response_ranges",
+    "off_policy_sequence_mask",
     "policy_loss",
+    "rollout_correction_terms",
     "sapo_pg_loss",
     "sequence_importance_ratio",
     "truncated_importance_weights",

@@ -15,6 +15,17 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from typing_extensions import Self
 
+from rl_loss.corrections_config import (
+    CORRECTION_RULES,
+    DEFAULT_CLIP_COV_LB,
+    DEFAULT_CLIP_COV_RATIO,
+    DEFAULT_CLIP_COV_UB,
+    DEFAULT_KL_COV_COEF,
+    DEFAULT_KL_COV_RATIO,
+    CovPenalty,
+    KlAggregation,
+    RolloutCorrection,
+)
 from rl_loss.custom_reducer import check_reducer_path
 
 Aggregation = Literal["sample_mean", "prompt_mean", "token_mean", "constant", "trajectory_mean"]
@@ -105,6 +116,41 @@ class LossConfig(BaseModel):
 
     custom_pg_reducer: str | None = None
     """Import path 'module:function' (or 'module.function') of a token-weight function step -> flat weights; replaces the aggregation. Validation checks its shape only; it is imported when a ReducerFactory or a run is built."""
+
+    # --- corrections (docs/corrections.md) ---
+
+    kl_aggregation: KlAggregation = "sample_mean"
+    """How the KL term enters the loss: sample_mean (rl-loss's default) | pg (the configured aggregation, as verl, TRL and Liger)."""
+
+    kl_clamp: float | None = Field(None, gt=0)
+    """Clamp the k3 estimate to [-kl_clamp, kl_clamp] (verl's 10); null: no clamp. kl_estimator=k3 only."""
+
+    cispo_clip_low: float | None = Field(None, gt=0, lt=1)
+    """Lower bound of CISPO's IS weight: sg(clip(r, 1 - cispo_clip_low, 1 + eps_clip_high)) (slime, verl); null: none."""
+
+    off_policy_mask_delta: float | None = Field(None, ge=0)
+    """OPSM delta (DeepSeek-V3.2, arXiv:2512.02556): drop a sample with A < 0 whose mean KL(old || current) exceeds it; null: off."""
+
+    cov_penalty: CovPenalty = "none"
+    """Covariance-based entropy control (arXiv:2505.22617): none | clip_cov (detach high-covariance tokens) | kl_cov (KL-penalise them)."""
+
+    clip_cov_ratio: float | None = Field(None, gt=0, le=1)
+    """clip_cov: share of the step's tokens to detach (at least one); null means 0.0002."""
+
+    clip_cov_lb: float | None = Field(None, allow_inf_nan=False)
+    """clip_cov: candidates have covariance above this; null means 1.0."""
+
+    clip_cov_ub: float | None = Field(None, allow_inf_nan=False)
+    """clip_cov: candidates have covariance below this; null means 5.0."""
+
+    kl_cov_ratio: float | None = Field(None, gt=0, le=1)
+    """kl_cov: share of the step's tokens (largest covariance, at least one) to KL-penalise; null means 0.0002."""
+
+    kl_cov_coef: float | None = Field(None, ge=0, le=100)
+    """kl_cov: coefficient of |logp - logp_old| on the selected tokens; null means 1.0."""
+
+    rollout_correction: RolloutCorrection = RolloutCorrection()
+    """Corrections from the rollout engine's log-probs (TIS weights, rejection masks), as verl's rollout_corr_helper."""
 
     @model_validator(mode="before")
     @classmethod
@@ -241,6 +287,28 @@ class LossConfig(BaseModel):
         return None
 
     @property
+    def cov_lb(self) -> float:
+        """clip_cov's lower covariance bound: clip_cov_lb, or 1.0 when unset."""
+        return DEFAULT_CLIP_COV_LB if self.clip_cov_lb is None else self.clip_cov_lb
+
+    @property
+    def cov_ub(self) -> float:
+        """clip_cov's upper covariance bound: clip_cov_ub, or 5.0 when unset."""
+        return DEFAULT_CLIP_COV_UB if self.clip_cov_ub is None else self.clip_cov_ub
+
+    @property
+    def cov_ratio(self) -> float:
+        """Share of the step's tokens that the covariance penalty selects (clip_cov_ratio or kl_cov_ratio)."""
+        value = self.clip_cov_ratio if self.cov_penalty == "clip_cov" else self.kl_cov_ratio
+        default = DEFAULT_CLIP_COV_RATIO if self.cov_penalty == "clip_cov" else DEFAULT_KL_COV_RATIO
+        return default if value is None else value
+
+    @property
+    def cov_kl_coef(self) -> float:
+        """KL-cov's coefficient: kl_cov_coef, or 1.0 when unset."""
+        return DEFAULT_KL_COV_COEF if self.kl_cov_coef is None else self.kl_cov_coef
+
+    @property
     def clip_low(self) -> float:
         """Lower clip range of ppo_clip: eps_clip, or 0.2 when unset."""
         return DEFAULT_EPS_CLIP if self.eps_clip is None else self.eps_clip
@@ -274,5 +342,6 @@ LOSS_RULES = (
     LossConfig._eps_clip_high_not_with_sapo,
     LossConfig._dual_clip_only_with_ppo_clip,
     LossConfig._sapo_temperatures_only_with_sapo,
+    *CORRECTION_RULES,
 )
 """LossConfig's cross-field rules, one named method each: a rule returns its problem line, or None."""

@@ -34,6 +34,13 @@ def refuse_iterators(name: str, value: Any) -> None:
         )
 
 
+def instance_of(name: str, value: Any, kind: type) -> Any:
+    """``value`` itself when it is a ``kind``; otherwise a TypeError naming the argument and what it got."""
+    if not isinstance(value, kind):
+        raise TypeError(f"{name} must be a {kind.__name__} (got {describe(value)})")
+    return value
+
+
 def refuse_meta(name: str, value: Tensor) -> None:
     if value.is_meta:
         raise ValueError(f"{name} is a meta tensor, which holds no values (got {describe(value)}); pass real data")

@@ -123,6 +123,13 @@ class TokenReducer:
             sums = torch.segment_reduce(terms, "sum", lengths=counts)
         return sums * inv_count
 
+    def sample_token_counts(self) -> Tensor:
+        """|o_i| of every micro-batch sample (float64, in :attr:`sample_indices` order), from the pre-RS masks.
+
+        Step-level counts: every CP rank of the micro-batch gets the same numbers.
+        """
+        return self._step.sample_tokens().index_select(0, self.sample_indices)
+
     def _mean_inputs_for(self, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
         """(local mask, 1 / max(|o_i|, 1) and local value count per micro-batch sample), cast once per dtype/device."""
         key = (dtype, device)

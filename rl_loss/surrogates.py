@@ -85,13 +85,15 @@ def clipped_pg_loss(
 
 
 def cispo_pg_loss(
-    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, eps_clip_high: float
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, eps_clip_high: float, eps_clip_low: float | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """CISPO (MiniMax-M1, arXiv:2506.13585): l = -sg(min(r, 1 + eps_clip_high)) * A * logp.
 
     The truncated importance weight is a constant (stop-gradient), so every token keeps the REINFORCE
     gradient dl/dlogp = -min(r, 1 + eps_clip_high) * A, however far its ratio has moved; there is no
-    lower bound. clipfrac counts the tokens whose truncation binds: r > 1 + eps_clip_high.
+    lower bound unless ``eps_clip_low`` (``cispo_clip_low``, as slime and verl) gives one: the weight is then
+    sg(clip(r, 1 - eps_clip_low, 1 + eps_clip_high)). clipfrac counts the tokens whose truncation binds:
+    r > 1 + eps_clip_high (or r < 1 - eps_clip_low).
 
     Returns:
         ``(loss, clipped, ratio)``; the ratio is detached.
@@ -100,9 +102,11 @@ def cispo_pg_loss(
     real_number("eps_clip_high", eps_clip_high)
     ratio = importance_ratio(logprobs.detach(), old_logprobs)
     cap = 1.0 + eps_clip_high
-    weight = ratio.clamp(max=cap)
+    floor = None if eps_clip_low is None else 1.0 - eps_clip_low
+    weight = ratio.clamp(min=floor, max=cap)
     loss = -(weight * advantages) * logprobs
-    return loss, (ratio > cap).to(loss.dtype), ratio
+    clipped = ratio > cap if floor is None else (ratio > cap) | (ratio < floor)
+    return loss, clipped.to(loss.dtype), ratio
 
 
 def sapo_pg_loss(
@@ -187,7 +191,7 @@ def per_token_pg_loss(
     (so its sample_mean is the share of samples clipped).
     """
     if config.surrogate == "cispo":
-        loss, clipped, _ = cispo_pg_loss(logprobs, old_logprobs, advantages, config.clip_high)
+        loss, clipped, _ = cispo_pg_loss(logprobs, old_logprobs, advantages, config.clip_high, config.cispo_clip_low)
     elif config.surrogate == "sapo":
         loss, clipped, _ = sapo_pg_loss(logprobs, old_logprobs, advantages, config.tau_pos, config.tau_neg)
     elif config.ratio_level == "sequence":

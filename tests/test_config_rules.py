@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
 from launchers.config.preflight import ConfigError, compose_job, preflight
 
@@ -225,7 +226,14 @@ def test_cli_help_lists_groups_and_every_loss_field():
     assert result.returncode == 0
     assert "loss: cispo, dapo, drgrpo, grpo, gspo, sapo, scalerl" in result.stdout
     for name, field in LossConfig.model_fields.items():
-        if name != "target":
+        if name == "target":
+            continue
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):  # a nested section
+            assert f"loss.{name}: {field.description}" in result.stdout
+            for inner, inner_field in field.annotation.model_fields.items():
+                assert f"loss.{name}.{inner} (" in result.stdout
+                assert inner_field.description in result.stdout
+        else:
             assert f"loss.{name} (" in result.stdout
             assert field.description in result.stdout
 
@@ -242,3 +250,21 @@ def test_max_response_len_must_reach_the_largest_target():
 
 def test_adam_betas_must_be_below_one():
     assert only_problem("optim.betas=[0.9,1.0]").startswith("optim.betas: each must be in [0, 1)")
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (["loss.cov_penalty=clip_cov"], "loss.cov_penalty: backend=toy"),
+        (["loss.rollout_correction.rs=token_k1", "loss.rollout_correction.rs_threshold_high=2"],
+         "loss.rollout_correction: backend=toy"),
+        (["backend=trl", "model=hf_tiny", "loss.cov_penalty=kl_cov"], "loss.cov_penalty: backend=trl cannot honour it"),
+    ],
+)
+def test_a_correction_the_backend_cannot_feed_is_rejected_before_any_work(overrides, field):
+    assert only_problem(*overrides).startswith(field)
+
+
+def test_opsm_and_kl_aggregation_run_on_the_toy_backend():
+    job = compose_job(["loss.off_policy_mask_delta=0.1", "loss.kl_aggregation=pg"])
+    assert job.config.loss.off_policy_mask_delta == 0.1 and job.config.loss.kl_aggregation == "pg"

@@ -155,3 +155,17 @@ def test_the_trainer_rejects_before_loading_the_model(out):
                           loss_config=LossConfig())
     with pytest.raises(TypeError, match="loss_config must be"):
         RLLossGRPOTrainer("/nonexistent/model", workload.reward, args=workload.grpo_config(out), loss_config="grpo")
+
+
+def test_opsm_from_the_loss_config_is_accepted(out):
+    assert problems(out, LossConfig(off_policy_mask_delta=0.5)) == []
+
+
+def test_a_covariance_penalty_the_trainer_cannot_select_for_is_rejected(out):
+    (line,) = problems(out, LossConfig(cov_penalty="clip_cov"))
+    assert line.startswith("loss_config.cov_penalty:") and "cov_penalty=none" in line
+
+
+def test_a_rollout_correction_without_vllm_log_probs_is_rejected(out):
+    (line,) = problems(out, LossConfig(rollout_correction=dict(is_level="token")))
+    assert line.startswith("loss_config.rollout_correction:") and "use_vllm=False" in line

@@ -168,6 +168,37 @@ RULE_CASES = {
         "loss.sapo_tau_pos=2: loss.sapo_tau_pos: is only used by surrogate=sapo, it would be ignored with "
         "surrogate=ppo_clip (got 2.0); remove it or set surrogate=sapo",
     ),
+    "_cov_penalty_needs_token_ppo_clip": (
+        ["loss=cispo", "loss.cov_penalty=clip_cov"],
+        "loss.cov_penalty=clip_cov: loss.cov_penalty: clip_cov acts on PPO's per-token ratio (arXiv:2505.22617), "
+        "so it needs surrogate=ppo_clip and ratio_level=token (got surrogate=cispo, ratio_level=token); set them "
+        "or cov_penalty=none",
+    ),
+    "_kl_cov_has_no_clip": (
+        ["loss=grpo", "loss.cov_penalty=kl_cov", "loss.eps_clip=0.1"],
+        "loss.eps_clip=0.1: loss.eps_clip: cov_penalty=kl_cov replaces PPO's clip by a KL penalty on the selected "
+        "tokens, so the clip range would be ignored (got 0.1); remove it or use clip_cov",
+    ),
+    "_cov_fields_match_penalty": (
+        ["loss=grpo", "loss.kl_cov_ratio=0.01"],
+        "loss.kl_cov_ratio=0.01: loss.kl_cov_ratio: is only used with cov_penalty=kl_cov, it would be ignored with "
+        "cov_penalty=none (got 0.01); remove it or set cov_penalty=kl_cov",
+    ),
+    "_clip_cov_bounds_ordered": (
+        ["loss=grpo", "loss.cov_penalty=clip_cov", "loss.clip_cov_lb=6"],
+        "loss.clip_cov_lb=6: loss.clip_cov_lb: must be below clip_cov_ub=5.0 (got 6.0); no token's covariance "
+        "could fall between them",
+    ),
+    "_kl_clamp_only_for_k3": (
+        ["loss=grpo", "loss.kl_estimator=k2", "loss.kl_clamp=10"],
+        "loss.kl_clamp=10: loss.kl_clamp: clamps the k3 estimate only (as verl does), it would be ignored with "
+        "kl_estimator=k2 (got 10.0); remove it or set kl_estimator=k3",
+    ),
+    "_cispo_clip_low_only_with_cispo": (
+        ["loss=grpo", "loss.cispo_clip_low=0.2"],
+        "loss.cispo_clip_low=0.2: loss.cispo_clip_low: bounds CISPO's IS weight below and would be ignored with "
+        "surrogate=ppo_clip (got 0.2); remove it or set surrogate=cispo",
+    ),
 }
 # before-validators that accept and relabel (tested above, with their warning)
 RELABELLING_RULES = {"_per_token_flag_is_token_mean"}

@@ -32,6 +32,24 @@ Rule = Callable[["RunConfig", int], "str | None"]
 # -- backends -------------------------------------------------------------------------------
 
 
+def _toy_feeds_every_correction(cfg: RunConfig, world_size: int) -> str | None:
+    # the embedded trainer samples with the policy itself (no rollout engine) and has no step-level covariance
+    # pass, so these corrections would have no input (docs/corrections.md)
+    problems = []
+    if cfg.loss.cov_penalty != "none":
+        problems.append(
+            f"loss.cov_penalty: backend=toy has no step-level covariance pass (got {cfg.loss.cov_penalty}); "
+            "set cov_penalty=none"
+        )
+    if cfg.loss.rollout_correction.enabled:
+        problems.append(
+            "loss.rollout_correction: backend=toy samples with the trained policy itself, so there are no "
+            "rollout-engine log-probs to correct from (got is_level/rs set); remove it"
+        )
+    return "\n".join(problems) or None
+
+
+
 class ToyBackendConfig(BaseModel):
     """The embedded trainer (launchers/backends/toy/trainer.py): the toy transformer, DP x CP under torchrun."""
 
@@ -42,7 +60,7 @@ class ToyBackendConfig(BaseModel):
 
     entry_point: ClassVar[str] = "launchers.backends.toy.trainer:train"
     model_kinds: ClassVar[tuple[str, ...]] = ("toy",)
-    rules: ClassVar[tuple[Rule, ...]] = ()
+    rules: ClassVar[tuple[Rule, ...]] = (_toy_feeds_every_correction,)
 
     @staticmethod
     def layout_summary(cfg: RunConfig, world_size: int) -> str:

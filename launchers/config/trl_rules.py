@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     from launchers.config.run_config import RunConfig
 
 UNSUPPORTED_BY_TRL: dict[str, str] = {
+    "loss.cov_penalty": "RLLossGRPOTrainer has no step-level covariance pass (docs/corrections.md)",
+    "loss.rollout_correction": "the launcher's TRL runs generate without vLLM, so there are no rollout-engine log-probs",
     "parallel.cp_size": "TRL's GRPOTrainer has no context parallelism; use data parallelism (accelerate launch)",
     "parallel.qkv_format": "TRL packs no sequences across CP ranks, so the CP layout has no meaning there",
     "parallel.backend": "accelerate picks the torch.distributed backend; configure it with `accelerate config`",

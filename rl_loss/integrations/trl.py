@@ -218,11 +218,15 @@ class RLLossGRPOTrainer(GRPOTrainer):
         advantages = (advantages.unsqueeze(1) if advantages.dim() == 1 else advantages).expand_as(logps)
         tis = inputs.get("importance_sampling_ratio") if self.use_vllm and self.vllm_importance_sampling_correction else None
         ref = inputs.get("ref_per_token_logps") if self.beta != 0.0 else None
+        # OPSM's behaviour policy and rollout correction: the engine's log-probs when TRL has them (docs/corrections.md)
+        wants_rollout = self.loss_config.rollout_correction.enabled or self.loss_config.off_policy_mask_delta is not None
+        rollout = inputs.get("sampling_per_token_logps") if wants_rollout else None
         loss, metrics = policy_loss(
             logps.reshape(-1), old.reshape(-1), advantages.reshape(-1), pg_reducer, metric_reducer, self.loss_config,
             ref_logprobs=None if ref is None else ref.reshape(-1),
             entropy=entropies.reshape(-1),
             tis_weights=None if tis is None else tis.expand_as(logps).reshape(-1),
+            rollout_logprobs=None if rollout is None else rollout.reshape(-1),
         )
         world = self.accelerator.num_processes if mode == "train" else 1
         loss = loss * world  # DDP averages over processes; the partials add up to J

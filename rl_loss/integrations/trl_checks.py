@@ -224,13 +224,34 @@ def _no_trl_only_token_edits(args: Any, loss: LossConfig) -> str | None:
     if args.off_policy_mask_threshold is not None:
         problems.append(
             "GRPOConfig.off_policy_mask_threshold: TRL's off-policy sequence mask is not applied by rl-loss (got "
-            f"{args.off_policy_mask_threshold}); leave it unset"
+            f"{args.off_policy_mask_threshold}); leave it unset and set loss_config.off_policy_mask_delta instead"
         )
     if args.mask_truncated_completions:
         problems.append(
             "GRPOConfig.mask_truncated_completions: TRL edits the loss masks before rl-loss sees them, so truncated "
             "completions would also leave the denominators, which SPEC §2 counts from the unedited masks (got True); "
             "set mask_truncated_completions=False"
+        )
+    return "\n".join(problems) or None
+
+
+def _corrections_the_trainer_can_feed(args: Any, loss: LossConfig) -> str | None:
+    problems = []
+    if loss.cov_penalty != "none":
+        problems.append(
+            f"loss_config.cov_penalty: {loss.cov_penalty} needs a step-level covariance selection that "
+            f"RLLossGRPOTrainer does not compute (got {loss.cov_penalty}); set cov_penalty=none"
+        )
+    if loss.rollout_correction.enabled and not args.use_vllm:
+        problems.append(
+            "loss_config.rollout_correction: needs the rollout engine's log-probs, which TRL has only with "
+            "use_vllm=True (got use_vllm=False); generate with vLLM or drop rollout_correction"
+        )
+    elif loss.rollout_correction.enabled and args.vllm_importance_sampling_correction:
+        problems.append(
+            "GRPOConfig.vllm_importance_sampling_correction: TRL's own weights would multiply rl-loss's "
+            "rollout_correction, correcting twice (got True with loss_config.rollout_correction set); keep one: "
+            "this one for TRL's modes, loss_config.rollout_correction for verl's"
         )
     return "\n".join(problems) or None
 
@@ -272,6 +293,7 @@ RULES: tuple[Callable[[Any, LossConfig], str | None], ...] = (
     _kl_without_bias_correction,
     _entropy_from_loss_config,
     _no_trl_only_token_edits,
+    _corrections_the_trainer_can_feed,
     _advantages_agree,
 )
 
