@@ -98,6 +98,11 @@ class TokenReducer:
             self._sample_slots = torch.repeat_interleave(slots, counts, output_size=self.num_local_tokens)
         return self._sample_slots
 
+    @property
+    def sample_token_counts(self) -> Tensor:
+        """|o_i| of each micro-batch sample (its loss-mask tokens on every CP rank, float64), in :attr:`sample_indices` order."""
+        return self._step.sample_tokens().index_select(0, self.sample_indices)
+
     def sample_partial_means(self, local_values: Tensor) -> Tensor:
         """This rank's partial of every micro-batch sample's mean over its loss-mask tokens (differentiable).
 

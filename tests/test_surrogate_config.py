@@ -74,7 +74,7 @@ def test_sapo_temperature_must_be_positive(override):
 
 def test_unknown_surrogate_is_rejected_naming_the_choices():
     line = only_problem("loss.surrogate=grpo")
-    assert line.startswith("loss.surrogate: input should be 'ppo_clip', 'cispo' or 'sapo'")
+    assert line.startswith("loss.surrogate: input should be 'ppo_clip', 'cispo', 'sapo', 'gmpo', 'dppo_tv', 'dppo_kl' or 'vespo'")
 
 
 def test_cispo_accepts_its_truncation_bound():
