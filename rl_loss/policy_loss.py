@@ -71,8 +71,8 @@ def policy_loss(
         rs_mask: rejection-sampling mask (0 drops a token from the pg numerator; denominators keep it).
         cp_all_reduce: autograd-aware sum over this rank's CP group (its backward all-reduces the
             gradient too), e.g. ``lambda t: torch.distributed.nn.functional.all_reduce(t, group=cp_group)``;
-            used once per call by ``ratio_level=sequence`` only, and required there when
-            ``pg_reducer.cp_size > 1``.
+            used once per call by the per-sequence reductions only (``ratio_level`` sequence /
+            sequence_token, ``surrogate`` gmpo / vespo), and required there when ``pg_reducer.cp_size > 1``.
 
     Returns:
         ``(loss, metrics)`` with metrics ``pg_loss``, ``pg_clipfrac`` (the share of tokens the surrogate
