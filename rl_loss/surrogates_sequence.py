@@ -40,20 +40,22 @@ def gmpo_pg_loss(
     g_i = exp(clamp(sum_t m * d'_t / max(|o_i|, 1), -20, 20)) over the sample's loss-mask tokens on every
     CP rank (one all-reduce, differentiable). This is (prod_t clip(r_t^sgnA))^(sgnA / |o_i|) of the paper;
     with sample_mean, J = -(1/N) sum_i g_i * A_i. clipfrac counts the tokens whose clip binds: d_t > eps_high
-    with A > 0, or d_t < -eps_low with A < 0.
+    with A > 0, or d_t < -eps_low with A <= 0 (a token with A = 0 has loss 0 either way).
 
     Returns:
         ``(loss, clipped, ratio)``: the ratio is g_i on each of sample i's local tokens.
     """
     log_ratio = logprobs - old_logprobs
-    bounded = log_ratio.clamp(-eps_low, eps_high)
+    # min(d, clamp(d, -eps_low, eps_high)) = min(d, eps_high) and max(d, clamp(...)) = max(d, -eps_low):
+    # one clamp with per-token bounds (one pass forward and backward)
     positive = advantages > 0
-    pessimistic = torch.where(positive, torch.minimum(log_ratio, bounded), torch.maximum(log_ratio, bounded))
+    upper = torch.where(positive, eps_high, math.inf).to(log_ratio.dtype)
+    lower = torch.where(positive, -math.inf, -eps_low).to(log_ratio.dtype)
+    pessimistic = torch.clamp(log_ratio, lower, upper)
     mean = sample_means(pessimistic, pg_reducer, cp_all_reduce, "surrogate=gmpo")
     ratio = per_token(torch.exp(mean.clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)), pg_reducer)
     loss = -ratio * advantages
-    d = log_ratio.detach()
-    clipped = (positive & (d > eps_high)) | ((advantages < 0) & (d < -eps_low))
+    clipped = pessimistic.detach() != log_ratio.detach()  # d > eps_high with A > 0, d < -eps_low with A <= 0
     return loss, clipped.to(loss.dtype), ratio
 
 
