@@ -49,8 +49,9 @@ def gmpo_pg_loss(
     # min(d, clamp(d, -eps_low, eps_high)) = min(d, eps_high) and max(d, clamp(...)) = max(d, -eps_low):
     # one clamp with per-token bounds (one pass forward and backward)
     positive = advantages > 0
-    upper = torch.where(positive, eps_high, math.inf).to(log_ratio.dtype)
-    lower = torch.where(positive, -math.inf, -eps_low).to(log_ratio.dtype)
+    bound = log_ratio.detach().new_tensor  # 0-dim bounds in the log-ratios' dtype (a float32 0.15 is not 0.15)
+    upper = torch.where(positive, bound(eps_high), bound(math.inf))
+    lower = torch.where(positive, bound(-math.inf), bound(-eps_low))
     pessimistic = torch.clamp(log_ratio, lower, upper)
     mean = sample_means(pessimistic, pg_reducer, cp_all_reduce, "surrogate=gmpo")
     ratio = per_token(torch.exp(mean.clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)), pg_reducer)
