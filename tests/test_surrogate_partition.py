@@ -282,7 +282,7 @@ def all_reduced_partitioned_loss(case: Case, config: LossConfig, logp, old, adv)
                      for k in range(case.cp_size)]
             recorded: list[torch.Tensor | None] = [None] * case.cp_size
 
-            def record(own, k):
+            def record(own, k, recorded=recorded):
                 recorded[k] = own
                 return own
 
