@@ -66,7 +66,7 @@ def test_dppo_kl_masks_by_the_binary_kl_of_the_token():
 
 
 def test_vespo_on_policy_is_reinforce():
-    # w = 1: phi = e^lambda * 1 * e^-lambda = 1, l = -A * logp; J (token_mean) = -(1/2)(-1 - 2) * 0.5
+    # w = 1: phi = e^lambda * 1 * e^-lambda = 1, l = -A * logp; J (sample_mean, one sample) = -(1/2)(-1 - 2) * 0.5
     loss, _, leaf = one_step(dict(surrogate="vespo"), [-1.0, -2.0], [-1.0, -2.0], [0.5, 0.5], [2])
     assert float(loss.detach()) == pytest.approx(0.75, rel=1e-12)
 
