@@ -32,9 +32,9 @@ Aggregation = Literal["sample_mean", "prompt_mean", "token_mean", "constant", "t
 AGGREGATIONS: tuple[str, ...] = ("sample_mean", "prompt_mean", "token_mean", "constant", "trajectory_mean")
 KlEstimator = Literal["k1", "k2", "k3"]
 AdvantageEstimator = Literal["grpo", "drgrpo", "grpo_batch_std"]
-Surrogate = Literal["ppo_clip", "cispo", "sapo"]
-SURROGATES: tuple[str, ...] = ("ppo_clip", "cispo", "sapo")
-RatioLevel = Literal["token", "sequence"]
+Surrogate = Literal["ppo_clip", "cispo", "sapo", "gmpo", "dppo_tv", "dppo_kl", "vespo"]
+SURROGATES: tuple[str, ...] = ("ppo_clip", "cispo", "sapo", "gmpo", "dppo_tv", "dppo_kl", "vespo")
+RatioLevel = Literal["token", "sequence", "sequence_token"]
 
 DEFAULT_EPS_CLIP = 0.2
 """Clip range used when eps_clip is unset (PPO's usual 0.2)."""
@@ -42,6 +42,20 @@ DEFAULT_SAPO_TAU_POS = 1.0
 """SAPO's temperature for positive advantages when sapo_tau_pos is unset (arXiv:2511.20347)."""
 DEFAULT_SAPO_TAU_NEG = 1.05
 """SAPO's temperature for non-positive advantages when sapo_tau_neg is unset (arXiv:2511.20347)."""
+
+DEFAULT_GMPO_EPS_CLIP = 0.4
+"""GMPO's clip range in log space when eps_clip is unset: ratios clipped to [e^-0.4, e^0.4] (arXiv:2507.20673)."""
+DEFAULT_DPPO_DELTA = 0.2
+"""DPPO's divergence threshold when dppo_delta is unset (prime-rl's and verl's default, arXiv:2602.04879)."""
+VESPO_DEFAULTS = {"vespo_k_pos": 2.0, "vespo_lambda_pos": 3.0, "vespo_k_neg": 3.0, "vespo_lambda_neg": 2.0}
+"""VESPO's gamma shapes k and rates lambda when unset (arXiv:2602.10693; TRL's and liger-kernel's defaults)."""
+SURROGATE_PARAMETERS: dict[str, tuple[str, ...]] = {
+    "dppo_delta": ("dppo_tv", "dppo_kl"),
+    "dppo_delta_high": ("dppo_tv", "dppo_kl"),
+    "dppo_ratio_cap": ("dppo_tv", "dppo_kl"),
+    **{name: ("vespo",) for name in VESPO_DEFAULTS},
+}
+"""Fields of one surrogate family -> the surrogates that read them (any other surrogate would ignore them)."""
 
 FACTORY_TARGET = "rl_loss.build_reducer_factory"
 
@@ -79,16 +93,16 @@ class LossConfig(BaseModel):
     """Megatron's flag: a legacy spelling of aggregation=token_mean (set by it; sample_mean + flag is relabelled)."""
 
     surrogate: Surrogate = "ppo_clip"
-    """Per-token policy loss: ppo_clip (PPO's clipped ratio) | cispo (MiniMax-M1: truncated, detached IS weight on a REINFORCE term) | sapo (soft sigmoid gate)."""
+    """Per-token policy loss: ppo_clip (PPO's clipped ratio) | cispo (MiniMax-M1: truncated, detached IS weight on a REINFORCE term) | sapo (soft sigmoid gate) | gmpo (clipped geometric mean of the token ratios) | dppo_tv, dppo_kl (REINFORCE term masked past a probability-divergence trust region) | vespo (gamma-shaped, detached weight of the sequence ratio); see docs/objectives-2026.md."""
 
     ratio_level: RatioLevel = "token"
-    """Importance ratio per token, or per sequence (GSPO: exp of the sample's mean log-ratio; surrogate=ppo_clip only)."""
+    """Importance ratio per token, or per sequence (GSPO: exp of the sample's mean log-ratio), or sequence_token (GSPO-token: the sequence ratio's value with each token's own gradient); the last two with surrogate=ppo_clip only."""
 
     eps_clip: float | None = Field(None, gt=0, lt=1)
-    """ppo_clip's clip range below 1: the ratio is clipped to [1 - eps_clip, 1 + eps_clip_high]; null means 0.2."""
+    """ppo_clip's clip range below 1: the ratio is clipped to [1 - eps_clip, 1 + eps_clip_high]; null means 0.2. With gmpo it is in log space: log-ratios clipped to [-eps_clip, eps_clip_high]; null means 0.4."""
 
     eps_clip_high: float | None = Field(None, gt=0, le=10)
-    """Upper clip range (DAPO's clip-higher); null means eps_clip (0.2). With cispo the IS weight is truncated at 1 + eps_clip_high."""
+    """Upper clip range (DAPO's clip-higher); null means eps_clip. With cispo the IS weight is truncated at 1 + eps_clip_high; with gmpo it is the upper log-ratio bound."""
 
     eps_clip_c: float | None = Field(None, gt=1)
     """Dual-clip constant (> 1, ppo_clip only): for negative advantages the loss is capped at -eps_clip_c * A; null disables."""
@@ -98,6 +112,27 @@ class LossConfig(BaseModel):
 
     sapo_tau_neg: float | None = Field(None, gt=0, le=100)
     """SAPO's gate temperature for zero or negative advantages (surrogate=sapo only); null means 1.05."""
+
+    dppo_delta: float | None = Field(None, gt=0, le=1)
+    """delta of DPPO (dppo_tv / dppo_kl only): a token is masked when its divergence from the old policy passes delta in the direction of A; null means 0.2."""
+
+    dppo_delta_high: float | None = Field(None, gt=0, le=1)
+    """DPPO's threshold for positive advantages (probability rising); null means dppo_delta."""
+
+    dppo_ratio_cap: float | None = Field(None, gt=1)
+    """C of DPPO: the detached ratio weight is truncated at C (verl's clip_ratio_c); null means no truncation (prime-rl)."""
+
+    vespo_k_pos: float | None = Field(None, ge=0, le=100)
+    """VESPO's gamma shape k for A >= 0 (surrogate=vespo only); null means 2.0."""
+
+    vespo_lambda_pos: float | None = Field(None, gt=0, le=100)
+    """VESPO's gamma rate lambda for A >= 0 (surrogate=vespo only); null means 3.0."""
+
+    vespo_k_neg: float | None = Field(None, ge=0, le=100)
+    """VESPO's gamma shape k for A < 0 (surrogate=vespo only); null means 3.0."""
+
+    vespo_lambda_neg: float | None = Field(None, gt=0, le=100)
+    """VESPO's gamma rate lambda for A < 0 (surrogate=vespo only); null means 2.0."""
 
     kl_coef: float = Field(0.0, ge=0, le=100)
     """Weight of the KL penalty to the reference policy; 0 builds no reference model."""
@@ -244,15 +279,16 @@ class LossConfig(BaseModel):
         return None
 
     def _sequence_ratio_needs_ppo_clip(self) -> str | None:
-        if self.ratio_level == "sequence" and self.surrogate != "ppo_clip":
+        if self.ratio_level != "token" and self.surrogate != "ppo_clip":
+            own = " (gmpo and vespo take their per-sequence reductions themselves)" if self.surrogate in ("gmpo", "vespo") else ""
             return (
-                f"ratio_level: the sequence ratio (GSPO) is defined for surrogate=ppo_clip only "
-                f"(got sequence with surrogate={self.surrogate}); set ratio_level=token or surrogate=ppo_clip"
+                f"ratio_level: the sequence ratio (GSPO) is defined for surrogate=ppo_clip only{own} "
+                f"(got {self.ratio_level} with surrogate={self.surrogate}); set ratio_level=token or surrogate=ppo_clip"
             )
         return None
 
     def _eps_clip_only_with_ppo_clip(self) -> str | None:
-        if self.eps_clip is not None and self.surrogate != "ppo_clip":
+        if self.eps_clip is not None and self.surrogate not in ("ppo_clip", "gmpo"):
             uses = "truncates the IS weight at 1 + eps_clip_high only" if self.surrogate == "cispo" else "has no clip"
             return (
                 f"eps_clip: {self.surrogate} {uses}, so the lower clip range would be ignored "
@@ -261,12 +297,23 @@ class LossConfig(BaseModel):
         return None
 
     def _eps_clip_high_not_with_sapo(self) -> str | None:
-        if self.eps_clip_high is not None and self.surrogate == "sapo":
+        if self.eps_clip_high is not None and self.surrogate in ("sapo", "dppo_tv", "dppo_kl", "vespo"):
+            gate = {"sapo": "a soft gate with sapo_tau_pos / sapo_tau_neg", "vespo": "a gamma weight with vespo_k_* / vespo_lambda_*"}
+            how = gate.get(self.surrogate, "a trust-region mask with dppo_delta / dppo_delta_high")
             return (
-                f"eps_clip_high: sapo has no clip (a soft gate with sapo_tau_pos / sapo_tau_neg), so it would be "
+                f"eps_clip_high: {self.surrogate} has no clip ({how}), so it would be "
                 f"ignored (got {self.eps_clip_high}); remove it or set surrogate=ppo_clip or cispo"
             )
         return None
+
+    def _surrogate_parameters_used(self) -> str | None:
+        problems = [
+            f"{name}: is only used by surrogate={' or '.join(users)}, it would be ignored with "
+            f"surrogate={self.surrogate} (got {value}); remove it or set surrogate={users[0]}"
+            for name, users in SURROGATE_PARAMETERS.items()
+            if (value := getattr(self, name)) is not None and self.surrogate not in users
+        ]
+        return "\n".join(problems) or None
 
     def _dual_clip_only_with_ppo_clip(self) -> str | None:
         if self.eps_clip_c is not None and self.surrogate != "ppo_clip":
@@ -310,8 +357,10 @@ class LossConfig(BaseModel):
 
     @property
     def clip_low(self) -> float:
-        """Lower clip range of ppo_clip: eps_clip, or 0.2 when unset."""
-        return DEFAULT_EPS_CLIP if self.eps_clip is None else self.eps_clip
+        """Lower clip range of ppo_clip (gmpo: in log space): eps_clip, or 0.2 (gmpo: 0.4) when unset."""
+        if self.eps_clip is not None:
+            return self.eps_clip
+        return DEFAULT_GMPO_EPS_CLIP if self.surrogate == "gmpo" else DEFAULT_EPS_CLIP
 
     @property
     def clip_high(self) -> float:
@@ -328,6 +377,18 @@ class LossConfig(BaseModel):
         """SAPO's temperature for zero or negative advantages: sapo_tau_neg, or 1.05 when unset."""
         return DEFAULT_SAPO_TAU_NEG if self.sapo_tau_neg is None else self.sapo_tau_neg
 
+    @property
+    def dppo_thresholds(self) -> tuple[float, float]:
+        """DPPO's (delta_low, delta_high): dppo_delta or 0.2, and dppo_delta_high or delta_low."""
+        low = DEFAULT_DPPO_DELTA if self.dppo_delta is None else self.dppo_delta
+        return low, low if self.dppo_delta_high is None else self.dppo_delta_high
+
+    @property
+    def vespo_shape(self) -> tuple[float, float, float, float]:
+        """VESPO's (k_pos, lambda_pos, k_neg, lambda_neg), each field or its default (2, 3, 3, 2)."""
+        names = ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg")
+        return tuple(VESPO_DEFAULTS[n] if getattr(self, n) is None else getattr(self, n) for n in names)  # type: ignore[return-value]
+
 
 LOSS_RULES = (
     LossConfig._constant_needs_divisor,
@@ -343,5 +404,6 @@ LOSS_RULES = (
     LossConfig._dual_clip_only_with_ppo_clip,
     LossConfig._sapo_temperatures_only_with_sapo,
     *CORRECTION_RULES,
+    LossConfig._surrogate_parameters_used,
 )
 """LossConfig's cross-field rules, one named method each: a rule returns its problem line, or None."""

@@ -86,9 +86,9 @@ def policy_loss(
         rs_mask: rejection-sampling mask (0 drops a token from the pg numerator; denominators keep it).
         cp_all_reduce: autograd-aware sum over this rank's CP group (its backward all-reduces the
             gradient too), e.g. ``lambda t: torch.distributed.nn.functional.all_reduce(t, group=cp_group)``;
-            used by every per-sample statistic (``ratio_level=sequence``, ``off_policy_mask_delta``,
-            sequence-level ``rollout_correction``), once each, and required by them when
-            ``pg_reducer.cp_size > 1``.
+            used once per call by every per-sample statistic (``ratio_level`` sequence / sequence_token,
+            ``surrogate`` gmpo / vespo, ``off_policy_mask_delta``, sequence-level ``rollout_correction``), and
+            required by them when ``pg_reducer.cp_size > 1``.
         rollout_logprobs: the rollout engine's log-probs of the tokens; required by ``rollout_correction``,
             and OPSM's behaviour policy when given (docs/corrections.md).
         cov_selection: this rank's slice of the step's :func:`rl_loss.covariance_selection`

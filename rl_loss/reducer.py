@@ -99,6 +99,11 @@ class TokenReducer:
             self._sample_slots = torch.repeat_interleave(slots, counts, output_size=self.num_local_tokens)
         return self._sample_slots
 
+    @property
+    def sample_token_counts(self) -> Tensor:
+        """|o_i| of each micro-batch sample (its loss-mask tokens on every CP rank, float64), in :attr:`sample_indices` order."""
+        return self._step.sample_tokens().index_select(0, self.sample_indices)
+
     def sample_partial_means(self, local_values: Tensor) -> Tensor:
         """This rank's partial of every micro-batch sample's mean over its loss-mask tokens (differentiable).
 
@@ -122,13 +127,6 @@ class TokenReducer:
             terms = torch.where(active, local_values, torch.zeros_like(local_values)) * mask
             sums = torch.segment_reduce(terms, "sum", lengths=counts)
         return sums * inv_count
-
-    def sample_token_counts(self) -> Tensor:
-        """|o_i| of every micro-batch sample (float64, in :attr:`sample_indices` order), from the pre-RS masks.
-
-        Step-level counts: every CP rank of the micro-batch gets the same numbers.
-        """
-        return self._step.sample_tokens().index_select(0, self.sample_indices)
 
     def _mean_inputs_for(self, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
         """(local mask, 1 / max(|o_i|, 1) and local value count per micro-batch sample), cast once per dtype/device."""

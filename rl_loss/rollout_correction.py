@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from rl_loss import ratios
 from rl_loss.corrections_config import RolloutCorrection
 from rl_loss.inputs import instance_of, same_length_floats
+from rl_loss.ratios import LOG_RATIO_LIMIT, CpAllReduce
 from rl_loss.reducer import TokenReducer
-from rl_loss.surrogates import LOG_RATIO_LIMIT, CpAllReduce
 
 
 @dataclass
@@ -40,35 +41,16 @@ class RolloutTerms:
 
 def sample_sums(values: Tensor, pg_reducer: TokenReducer, cp_all_reduce: CpAllReduce | None, what: str) -> Tensor:
     """Each micro-batch sample's sum of ``values`` over its loss-mask tokens on every CP rank, spread over its
-    local tokens: ``sum_t m[i,t] * v[i,t]`` (pre-RS masks), with one ``cp_all_reduce`` under CP.
-
-    Raises:
-        ValueError: naming ``what`` when the reducer is one CP rank of several and no all-reduce is given.
-    """
-    require_cp_all_reduce(pg_reducer, cp_all_reduce, what)
-    partial = pg_reducer.sample_partial_means(values.detach())
-    means = partial if cp_all_reduce is None else cp_all_reduce(partial)
-    counts = pg_reducer.sample_token_counts().to(device=means.device, dtype=means.dtype)
-    return (means * counts.clamp_min(1)).index_select(0, pg_reducer.local_sample_index.to(means.device))
+    local tokens: ``sum_t m[i,t] * v[i,t]`` (pre-RS masks) = its mean times max(|o_i|, 1); detached."""
+    means = ratios.sample_means(values.detach(), pg_reducer, cp_all_reduce, what)
+    counts = pg_reducer.sample_token_counts.to(device=means.device, dtype=means.dtype)
+    return ratios.per_token(means * counts.clamp_min(1), pg_reducer)
 
 
 def sample_means(values: Tensor, pg_reducer: TokenReducer, cp_all_reduce: CpAllReduce | None, what: str) -> Tensor:
     """Each micro-batch sample's mean of ``values`` over its loss-mask tokens on every CP rank (0 for a sample
-    without one), spread over its local tokens; detached; one ``cp_all_reduce`` under CP."""
-    require_cp_all_reduce(pg_reducer, cp_all_reduce, what)
-    partial = pg_reducer.sample_partial_means(values.detach())
-    means = partial if cp_all_reduce is None else cp_all_reduce(partial)
-    return means.index_select(0, pg_reducer.local_sample_index.to(means.device))
-
-
-def require_cp_all_reduce(pg_reducer: TokenReducer, cp_all_reduce: CpAllReduce | None, what: str) -> None:
-    """Refuse a per-sample statistic under CP without the all-reduce: a CP slice's own figure would be wrong."""
-    if cp_all_reduce is None and pg_reducer.cp_size > 1:
-        raise ValueError(
-            f"cp_all_reduce is required for {what} under context parallelism (got None with "
-            f"cp_size={pg_reducer.cp_size}): each sample's statistic spans CP ranks; pass an all-reduce (sum) over "
-            "the CP group, e.g. lambda t: torch.distributed.nn.functional.all_reduce(t, group=cp_group)"
-        )
+    without one), spread over its local tokens; detached (:func:`rl_loss.ratios.sample_means`)."""
+    return ratios.per_token(ratios.sample_means(values.detach(), pg_reducer, cp_all_reduce, what), pg_reducer)
 
 
 def truncated_is_weights(

@@ -1,5 +1,6 @@
-"""The per-token surrogate objectives of the policy loss (SPEC §5, §5b): PPO clip, CISPO, SAPO, and the
-sequence-level ratio of GSPO.
+"""The per-token surrogate objectives of the policy loss (docs/objectives.md, docs/objectives-2026.md): PPO
+clip, CISPO, SAPO, DPPO-TV/KL, the sequence-level ratios of GSPO and GSPO-token, and (in
+:mod:`rl_loss.surrogates_sequence`) GMPO and VESPO.
 
 Each surrogate maps one rank's local per-token inputs to ``(loss, clipped, ratio)``: the per-token loss
 ``l`` that the reducers aggregate (every aggregation mode applies unchanged), a 0/1 float tensor of the
@@ -10,7 +11,6 @@ the importance ratio. Old log-probs and advantages are constants: callers pass t
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -18,20 +18,14 @@ from torch import Tensor
 from rl_loss.aggregation import TokenReducer
 from rl_loss.config import LossConfig
 from rl_loss.inputs import describe, real_number, same_length_floats, same_shape_floats
-
-LOG_RATIO_LIMIT = 20.0
-"""Log-ratios are clamped to [-20, 20] before exp, so a ratio is always finite."""
+from rl_loss.ratios import LOG_RATIO_LIMIT, CpAllReduce, importance_ratio, per_token, sample_means
+from rl_loss.surrogates_sequence import gmpo_pg_loss, vespo_pg_loss
 
 SAPO_HALVING_LOGIT = 2.0 * math.asinh(1.0)
 """ln(3 + 2*sqrt(2)) ~ 1.763: where |tau * (r - 1)| reaches it, SAPO's gate has halved PPO's gradient."""
 
-CpAllReduce = Callable[[Tensor], Tensor]
-"""An autograd-aware sum over the CP group: returns the group's sum, and its backward all-reduces the gradient."""
-
-
-def importance_ratio(logprobs: Tensor, old_logprobs: Tensor) -> Tensor:
-    """Per-token ratio r = exp(clamp(logp - logp_old, -20, 20)) (no gradient where the clamp binds)."""
-    return torch.exp((logprobs - old_logprobs).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT))
+BINARY_KL_EPS = 1e-8
+"""Added to 1 - p and 1 - p_old in DPPO's binary KL, so a token of probability 1 gives a finite divergence."""
 
 
 def ppo_clip_of_ratio(
@@ -156,25 +150,76 @@ def sequence_importance_ratio(
     """
     if not isinstance(pg_reducer, TokenReducer):
         raise TypeError(f"pg_reducer must be a TokenReducer (got {describe(pg_reducer)})")
-    if cp_all_reduce is None and pg_reducer.cp_size > 1:
-        raise ValueError(
-            f"cp_all_reduce is required for ratio_level=sequence under context parallelism (got None with "
-            f"cp_size={pg_reducer.cp_size}): each sample's log-ratio sum spans CP ranks; pass an autograd-aware "
-            "all-reduce over the CP group, e.g. lambda t: torch.distributed.nn.functional.all_reduce(t, group=cp_group)"
-        )
     same_length_floats(pg_reducer.num_local_tokens, logprobs=logprobs, old_logprobs=old_logprobs)
-    partial = pg_reducer.sample_partial_means(logprobs - old_logprobs)
-    mean_log_ratio = partial if cp_all_reduce is None else cp_all_reduce(partial)
-    if mean_log_ratio is not partial and not (
-        isinstance(mean_log_ratio, torch.Tensor) and mean_log_ratio.shape == partial.shape
-        and mean_log_ratio.dtype.is_floating_point
-    ):
-        raise ValueError(
-            f"cp_all_reduce must return a float tensor of the shape it was given, {tuple(partial.shape)} (one "
-            f"partial per sample of the micro-batch) (got {describe(mean_log_ratio)}); return the all-reduced sum"
-        )
-    per_sample = torch.exp(mean_log_ratio.clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT))
-    return per_sample.index_select(0, pg_reducer.local_sample_index.to(per_sample.device))
+    mean_log_ratio = sample_means(logprobs - old_logprobs, pg_reducer, cp_all_reduce, "ratio_level=sequence")
+    return per_token(torch.exp(mean_log_ratio.clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)), pg_reducer)
+
+
+def dppo_valid_mask(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, divergence: str, delta_low: float, delta_high: float
+) -> Tensor:
+    """DPPO's binary trust region (arXiv:2602.04879): 1.0 where a token may still move, 0.0 where it has left.
+
+    With p = exp(logp), p_old = exp(logp_old) (the sampled token's probabilities):
+    - ``tv``: valid iff p - p_old <= delta_high for A > 0, and p - p_old >= -delta_low otherwise;
+    - ``kl``: D = p_old * ln(p_old / p) + (1 - p_old) * ln((1 - p_old + 1e-8) / (1 - p + 1e-8)), the binary
+      KL(old || current) of the token; valid iff D <= delta_high or p <= p_old for A > 0, and
+      D <= delta_low or p >= p_old otherwise.
+    A token is masked only when its probability moved past delta in the direction the advantage pushes it.
+    """
+    logp, old = logprobs.detach(), old_logprobs.detach()
+    p, p_old = torch.exp(logp), torch.exp(old)
+    rising = advantages > 0
+    if divergence == "tv":
+        return torch.where(rising, p - p_old <= delta_high, p - p_old >= -delta_low).to(logp.dtype)
+    binary_kl = p_old * (old - logp) + (1.0 - p_old) * torch.log(
+        (1.0 - p_old + BINARY_KL_EPS) / (1.0 - p + BINARY_KL_EPS)
+    )
+    valid = torch.where(rising, (binary_kl <= delta_high) | (p <= p_old), (binary_kl <= delta_low) | (p >= p_old))
+    return valid.to(logp.dtype)
+
+
+def dppo_pg_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    divergence: str,
+    delta_low: float,
+    delta_high: float,
+    ratio_cap: float | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """DPPO-Binary-TV / -KL (arXiv:2602.04879): l = -A * sg(min(r, C)) * logp * valid.
+
+    ``valid`` is :func:`dppo_valid_mask` (a constant); C = ``ratio_cap`` (None: no truncation, as prime-rl).
+    Every valid token keeps the gradient dl/dlogp = -A * min(r, C); a masked token's loss and gradient are 0
+    (the mask changes the numerator only: the aggregation's denominators still count the token).
+    clipfrac counts the masked tokens.
+
+    Returns:
+        ``(loss, clipped, ratio)``; the ratio is detached.
+    """
+    ratio = importance_ratio(logprobs.detach(), old_logprobs)
+    weight = ratio if ratio_cap is None else ratio.clamp(max=ratio_cap)
+    valid = dppo_valid_mask(logprobs, old_logprobs, advantages, divergence, delta_low, delta_high)
+    loss = -(advantages * weight * valid) * logprobs
+    return loss, 1.0 - valid, ratio
+
+
+def sequence_token_ratio(
+    logprobs: Tensor, old_logprobs: Tensor, pg_reducer: TokenReducer, cp_all_reduce: CpAllReduce | None = None
+) -> Tensor:
+    """GSPO-token's ratio (arXiv:2507.18071, eq. 13): s_i,t = sg(s_i) * pi(y_t) / sg(pi(y_t)).
+
+    Its value is the sample's sequence ratio s_i (as :func:`sequence_importance_ratio`, the mean over the
+    sample's loss-mask tokens on every CP rank: one all-reduce, of detached partials), and its gradient is
+    s_i * dlogp_t: token t's own, not the sample's mean. With sample-level advantages and sample_mean it
+    equals ``ratio_level=sequence``; per-token advantages or another aggregation tell them apart.
+    """
+    mean_log_ratio = sample_means(
+        (logprobs - old_logprobs).detach(), pg_reducer, cp_all_reduce, "ratio_level=sequence_token"
+    )
+    value = per_token(torch.exp(mean_log_ratio.clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)), pg_reducer)
+    return value * torch.exp(logprobs - logprobs.detach())
 
 
 def per_token_pg_loss(
@@ -187,10 +232,24 @@ def per_token_pg_loss(
 ) -> tuple[Tensor, Tensor]:
     """The configured surrogate's per-token loss and clip indicator (``config.surrogate``, ``config.ratio_level``).
 
-    With ratio_level=sequence, clipfrac counts the tokens of the samples whose sequence ratio is clipped
-    (so its sample_mean is the share of samples clipped).
+    With ratio_level=sequence or sequence_token, clipfrac counts the tokens of the samples whose sequence
+    ratio is clipped (so its sample_mean is the share of samples clipped). ``cp_all_reduce`` is called once
+    by the sequence-level choices (ratio_level sequence / sequence_token, gmpo, vespo), never by the others.
     """
-    if config.surrogate == "cispo":
+    if config.surrogate == "gmpo":
+        loss, clipped, _ = gmpo_pg_loss(
+            logprobs, old_logprobs, advantages, config.clip_low, config.clip_high, pg_reducer, cp_all_reduce
+        )
+    elif config.surrogate == "vespo":
+        loss, clipped, _ = vespo_pg_loss(logprobs, old_logprobs, advantages, config.vespo_shape, pg_reducer, cp_all_reduce)
+    elif config.surrogate in ("dppo_tv", "dppo_kl"):
+        loss, clipped, _ = dppo_pg_loss(
+            logprobs, old_logprobs, advantages, config.surrogate[-2:], *config.dppo_thresholds, config.dppo_ratio_cap
+        )
+    elif config.ratio_level == "sequence_token":
+        ratio = sequence_token_ratio(logprobs, old_logprobs, pg_reducer, cp_all_reduce)
+        loss, clipped = ppo_clip_of_ratio(ratio, advantages, config.clip_low, config.clip_high, config.eps_clip_c)
+    elif config.surrogate == "cispo":
         loss, clipped, _ = cispo_pg_loss(logprobs, old_logprobs, advantages, config.clip_high, config.cispo_clip_low)
     elif config.surrogate == "sapo":
         loss, clipped, _ = sapo_pg_loss(logprobs, old_logprobs, advantages, config.tau_pos, config.tau_neg)

@@ -79,8 +79,9 @@ def test_surrogate_benchmark_quick_run_prints_rows_and_target(tmp_path, capsys):
                             "--json", str(out_json)])
     assert code == 0  # the target is reported, not enforced, without --strict
     text = capsys.readouterr().out
-    assert "| sequence ratio fwd+bwd <= 1.5x ppo_clip |" in text
+    assert "| sequence, sequence_token, gmpo, dppo_tv, dppo_kl, vespo fwd+bwd each <= 1.5x ppo_clip |" in text
     results = json.loads(out_json.read_text())
-    # 3 variants x 1 sample count x 2 CP sizes x (reducer reused, built per call)
-    assert len(results["rows"]) == 12
-    assert {r["variant"] for r in results["rows"]} == {"cispo", "sapo", "sequence"}
+    # 8 variants x 1 sample count x 2 CP sizes x (reducer reused, built per call)
+    assert len(results["rows"]) == 32
+    assert {r["variant"] for r in results["rows"]} == {
+        "cispo", "sapo", "sequence", "sequence_token", "gmpo", "dppo_tv", "dppo_kl", "vespo"}

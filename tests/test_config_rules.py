@@ -116,7 +116,7 @@ def test_unknown_appended_key_gets_did_you_mean():
 
 def test_unknown_preset_lists_the_available_ones():
     line = only_problem("loss=grpoo")
-    assert line == "loss=grpoo: no such option; did you mean 'loss=grpo'? (available: cispo, dapo, drgrpo, grpo, gspo, sapo, scalerl)"
+    assert line == "loss=grpoo: no such option; did you mean 'loss=grpo'? (available: cispo, dapo, dppo, drgrpo, gmpo, grpo, gspo, gspo_token, sapo, scalerl, vespo)"
 
 
 def test_wrong_type_names_field_and_value():
@@ -224,7 +224,7 @@ def test_cli_help_lists_groups_and_every_loss_field():
 
     result = run_cli("--help")
     assert result.returncode == 0
-    assert "loss: cispo, dapo, drgrpo, grpo, gspo, sapo, scalerl" in result.stdout
+    assert "loss: cispo, dapo, dppo, drgrpo, gmpo, grpo, gspo, gspo_token, sapo, scalerl, vespo" in result.stdout
     for name, field in LossConfig.model_fields.items():
         if name == "target":
             continue

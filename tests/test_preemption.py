@@ -119,8 +119,8 @@ def torchrun(run_dir: Path, nproc: int, *overrides: str) -> list[str]:
 
 def test_resume_under_a_new_dp_cp_layout_continues_the_trajectory(tmp_path):
     # one process to step 3 (mid-rollout), then torchrun with 2 processes and CP 2 to step 6
-    from launchers.config.preflight import compose_job
     from launchers.backends.toy.trainer import train
+    from launchers.config.preflight import compose_job
 
     train(compose_job([*BASE, "trainer.max_steps=6"]).config, tmp_path / "straight")
     straight = read_metrics(tmp_path / "straight")

@@ -74,7 +74,7 @@ def test_sapo_temperature_must_be_positive(override):
 
 def test_unknown_surrogate_is_rejected_naming_the_choices():
     line = only_problem("loss.surrogate=grpo")
-    assert line.startswith("loss.surrogate: input should be 'ppo_clip', 'cispo' or 'sapo'")
+    assert line.startswith("loss.surrogate: input should be 'ppo_clip', 'cispo', 'sapo', 'gmpo', 'dppo_tv', 'dppo_kl' or 'vespo'")
 
 
 def test_cispo_accepts_its_truncation_bound():
@@ -125,3 +125,56 @@ def test_scalerl_preset_is_cispo_prompt_mean_and_batch_std_advantages():
 def test_presets_reject_fields_their_surrogate_ignores():
     assert only_problem("loss=sapo", "loss.eps_clip=0.2").startswith("loss.eps_clip: sapo has no clip")
     assert only_problem("loss=scalerl", "loss.eps_clip_c=3").startswith("loss.eps_clip_c: the dual clip")
+
+
+def test_dppo_preset_is_prime_rls_default_tv_mask_with_token_mean():
+    loss = compose_job(["loss=dppo"]).config.loss
+    assert (loss.surrogate, loss.aggregation, loss.dppo_thresholds, loss.dppo_ratio_cap) == (
+        "dppo_tv", "token_mean", (0.2, 0.2), None)
+
+
+def test_gmpo_preset_clips_log_ratios_to_the_papers_range():
+    loss = compose_job(["loss=gmpo"]).config.loss
+    assert (loss.surrogate, loss.aggregation, loss.clip_low, loss.clip_high) == ("gmpo", "sample_mean", 0.4, 0.4)
+
+
+def test_vespo_preset_has_the_papers_gamma_shapes_and_token_mean():
+    loss = compose_job(["loss=vespo"]).config.loss
+    assert (loss.surrogate, loss.aggregation, loss.vespo_shape) == ("vespo", "token_mean", (2.0, 3.0, 3.0, 2.0))
+
+
+def test_gspo_token_preset_is_ppo_clip_on_the_sequence_token_ratio():
+    loss = compose_job(["loss=gspo_token"]).config.loss
+    assert (loss.surrogate, loss.ratio_level, loss.clip_low, loss.clip_high) == ("ppo_clip", "sequence_token", 3e-4, 4e-4)
+
+
+# --- the 2026 surrogates' fields (docs/objectives-2026.md) ------------------------------------------------------
+
+
+@pytest.mark.parametrize(("surrogate", "field"), [("ppo_clip", "dppo_delta"), ("vespo", "dppo_ratio_cap"),
+                                                  ("dppo_tv", "vespo_k_pos"), ("gmpo", "vespo_lambda_neg")])
+def test_a_2026_field_without_its_surrogate_is_rejected(surrogate, field):
+    value = 0.5 if field == "dppo_delta" else 2.0  # each within its field's bounds
+    line = only_problem(f"loss.surrogate={surrogate}", f"loss.{field}={value}")
+    assert line.startswith(f"loss.{field}: is only used by surrogate=")
+    assert line.endswith(f"it would be ignored with surrogate={surrogate} (got {value}); remove it or set surrogate="
+                         f"{'dppo_tv' if field.startswith('dppo') else 'vespo'}")
+
+
+@pytest.mark.parametrize("surrogate", ["dppo_tv", "dppo_kl", "vespo"])
+def test_clip_ranges_with_an_unclipped_2026_surrogate_are_rejected(surrogate):
+    assert only_problem(f"loss.surrogate={surrogate}", "loss.eps_clip_high=0.3").startswith(
+        f"loss.eps_clip_high: {surrogate} has no clip")
+    assert only_problem(f"loss.surrogate={surrogate}", "loss.eps_clip=0.3").startswith(f"loss.eps_clip: {surrogate} ")
+
+
+@pytest.mark.parametrize("surrogate", ["gmpo", "vespo", "cispo"])
+def test_sequence_token_level_needs_ppo_clip(surrogate):
+    line = only_problem(f"loss.surrogate={surrogate}", "loss.ratio_level=sequence_token")
+    assert line.startswith("loss.ratio_level: the sequence ratio (GSPO) is defined for surrogate=ppo_clip only")
+    assert f"(got sequence_token with surrogate={surrogate})" in line
+
+
+def test_gmpo_clip_range_defaults_to_0_4_in_log_space():
+    assert (LossConfig(surrogate="gmpo").clip_low, LossConfig(surrogate="gmpo").clip_high) == (0.4, 0.4)
+    assert LossConfig(surrogate="gmpo", eps_clip=0.3, eps_clip_high=0.5).clip_high == 0.5

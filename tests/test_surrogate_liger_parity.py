@@ -10,6 +10,8 @@ Parameter mapping (SPEC §5b vs liger, see INTEGRATIONS.md):
   liger's loss_type="cispo" divides the masked token sum by the batch's token count: ``token_mean``.
 - sapo: ``sapo_tau_pos`` / ``sapo_tau_neg`` are liger's ``sapo_temperature_pos`` / ``_neg``; liger's
   loss_type="sapo" averages each sample over its tokens, then over the batch: ``sample_mean``.
+- vespo: ``vespo_k_pos`` ... ``vespo_lambda_neg`` are liger's parameters of the same names; loss_type="vespo"
+  is ``token_mean``.
 - GSPO: ``ratio_level=sequence`` with ``eps_clip`` / ``eps_clip_high`` is liger's
   ``importance_sampling_level="sequence"`` with ``epsilon_low`` / ``epsilon_high``; loss_type="grpo" is
   ``sample_mean``, loss_type="dapo" is ``token_mean``.
@@ -47,6 +49,10 @@ CASES = {
     "sapo-sample_mean-steep": (
         dict(surrogate="sapo", sapo_tau_pos=2.0, sapo_tau_neg=6.0),
         dict(loss_type="sapo", sapo_temperature_pos=2.0, sapo_temperature_neg=6.0),
+    ),
+    "vespo-token_mean": (  # liger's vespo divides by the batch's tokens like dapo: token_mean
+        dict(surrogate="vespo", aggregation="token_mean", vespo_k_pos=2.0, vespo_lambda_pos=3.0),
+        dict(loss_type="vespo", vespo_k_pos=2.0, vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0),
     ),
     "gspo-sample_mean": (
         dict(ratio_level="sequence", eps_clip=0.02, eps_clip_high=0.03),
@@ -129,7 +135,7 @@ def test_surrogate_matches_liger_value_and_gradient(case, seed):
         MAX_ERROR[f"{case}:{key}"] = max(MAX_ERROR.get(f"{case}:{key}", 0.0), value)
     assert errors["value"] <= VALUE_RTOL, (case, float(loss), float(ref_loss))
     assert errors["grad_hidden"] <= GRAD_RTOL and errors["grad_weight"] <= GRAD_RTOL, errors
-    if not case.startswith("sapo"):  # the clip / truncation path is exercised, not only the unclipped one
+    if not case.startswith(("sapo", "vespo")):  # the clip / truncation path is exercised (sapo, vespo: no clip)
         assert clipfrac > 0
 
 

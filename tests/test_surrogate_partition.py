@@ -13,6 +13,7 @@ Run with ``-s`` for the example counts and the largest relative errors.
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -48,6 +49,10 @@ SURROGATE_SETTINGS = settings(
 )
 GSPO_SETTINGS = settings(
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
+
+NEW_SETTINGS = settings(
+    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
 )
 
 SEEN = Seen()  # this module's record
@@ -198,6 +203,135 @@ def test_gspo_gradient_crosses_cp_ranks_exactly(qkv_format, data):
     case = data.draw(partitioned_steps(qkv_format))
     errors = check_gradient(case, config_for("gspo", "sample_mean", case), "sample_mean")
     SEEN.record(f"gspo_cp_gradient[{qkv_format}]", {f"gspo_cp_{k}": v for k, v in errors.items()})
+
+
+# --- the 2026 surrogates and GSPO-token (docs/objectives-2026.md) ----------------------------------------------
+# Each reduces per sequence over every CP rank (GMPO's clipped log-ratios, VESPO's log-ratio sum, GSPO-token's
+# detached mean) or masks tokens (DPPO). Ranges are chosen so that the clips, masks and gamma weights bind on
+# the random log-ratios in [-0.5, 0.5] of inputs().
+
+NEW_VARIANTS = {
+    "gmpo": dict(surrogate="gmpo", eps_clip=0.1, eps_clip_high=0.15),
+    "vespo": dict(surrogate="vespo", vespo_k_pos=2.0, vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0),
+    "dppo_tv": dict(surrogate="dppo_tv", dppo_delta=0.05, dppo_delta_high=0.08, dppo_ratio_cap=1.3),
+    "dppo_kl": dict(surrogate="dppo_kl", dppo_delta=0.01, dppo_delta_high=0.02),
+    "gspo_token": dict(ratio_level="sequence_token", eps_clip=0.05, eps_clip_high=0.08, eps_clip_c=3.0),
+}
+
+
+def new_config_for(variant: str, mode: str, case: Case) -> LossConfig:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RelabelNotice)
+        divisor = case.divisor if mode == "constant" else None
+        return LossConfig(aggregation=mode, divisor=divisor, **NEW_VARIANTS[variant])
+
+
+def new_reference_per_token_loss(case: Case, logp, old, adv, config: LossConfig) -> torch.Tensor:
+    """The per-token loss of docs/objectives-2026.md, written out sample by sample from the formulas."""
+    losses, offset = [], 0
+    for r, mask in zip(case.response_lengths, case.masks, strict=True):
+        lp, lo, a = logp[offset : offset + r], old[offset : offset + r], adv[offset : offset + r]
+        offset += r
+        m = torch.tensor(mask, dtype=lp.dtype)
+        count = max(sum(mask), 1)
+        if config.surrogate == "gmpo":  # g = exp(mean of the pessimistically log-clipped ratios)
+            d = lp - lo
+            c = d.clamp(-config.clip_low, config.clip_high)
+            d_pess = torch.where(a > 0, torch.minimum(d, c), torch.maximum(d, c))
+            loss = -torch.exp(((m * d_pess).sum() / count).clamp(-20, 20)) * a
+        elif config.surrogate == "vespo":  # -sg(e^lam w^k e^-lam w) A logp, w = exp(sum of log-ratios)
+            log_w = (m * (lp - lo).detach().clamp(-20, 20)).sum().clamp(math.log(1e-8), 20)
+            k_pos, lam_pos, k_neg, lam_neg = config.vespo_shape
+            k = torch.where(a >= 0, k_pos, k_neg).to(lp.dtype)
+            lam = torch.where(a >= 0, lam_pos, lam_neg).to(lp.dtype)
+            loss = -(lam.exp() * torch.exp(log_w) ** k * torch.exp(-lam * torch.exp(log_w))) * a * lp
+        elif config.surrogate.startswith("dppo"):  # -A sg(min(r, C)) logp, 0 past the trust region
+            p, p_old = lp.detach().exp(), lo.exp()
+            low, high = config.dppo_thresholds
+            if config.surrogate == "dppo_tv":
+                valid = torch.where(a > 0, p - p_old <= high, p - p_old >= -low)
+            else:
+                kl = p_old * (lo - lp.detach()) + (1 - p_old) * torch.log((1 - p_old + 1e-8) / (1 - p + 1e-8))
+                valid = torch.where(a > 0, (kl <= high) | (p <= p_old), (kl <= low) | (p >= p_old))
+            cap = float("inf") if config.dppo_ratio_cap is None else config.dppo_ratio_cap
+            loss = -a * (lp - lo).detach().exp().clamp(max=cap) * lp * valid.to(lp.dtype)
+        else:  # GSPO-token: value s_i, gradient s_i * dlogp_t, then PPO's clip and dual clip
+            s = torch.exp(((m * (lp - lo)).sum() / count).clamp(-20, 20)).detach() * torch.exp(lp - lp.detach())
+            loss = torch.maximum(-s * a, -s.clamp(1 - config.clip_low, 1 + config.clip_high) * a)
+            loss = torch.where(a < 0, torch.minimum(loss, -config.eps_clip_c * a), loss)
+        losses.append(loss)
+    return torch.cat(losses)
+
+
+def all_reduced_partitioned_loss(case: Case, config: LossConfig, logp, old, adv) -> torch.Tensor:
+    """Sum over micro-batches, DP and CP ranks of policy_loss's partials, with a simulated CP all-reduce.
+
+    Whatever a surrogate all-reduces, each CP rank's partial is first recorded (a pass whose losses are
+    discarded), then every rank runs with an all-reduce returning its own partial plus the other ranks'
+    recorded ones, differentiably, as a real autograd all-reduce would.
+    """
+    step = case.step()
+    factory = ReducerFactory(config)
+    total = logp.new_zeros(())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", EmptyStepWarning)
+        for cell, max_seq_len in zip(case.cells, case.max_seq_lens, strict=True):
+            layout = dict(sample_indices=None if case.whole_step_as_none else cell, cp_size=case.cp_size,
+                          qkv_format=case.qkv_format, max_seq_len=max_seq_len)
+            ranks = [(factory.pg_reducer(step, cp_rank=k, **layout), factory.metric_reducer(step, cp_rank=k, **layout))
+                     for k in range(case.cp_size)]
+            recorded: list[torch.Tensor | None] = [None] * case.cp_size
+
+            def record(own, k, recorded=recorded):
+                recorded[k] = own
+                return own
+
+            for k, (pg, metric) in enumerate(ranks):
+                i = pg.token_index
+                policy_loss(logp[i], old[i], adv[i], pg, metric, config, cp_all_reduce=lambda own, k=k: record(own, k))
+            for k, (pg, metric) in enumerate(ranks):
+                i = pg.token_index
+                others = [p for j, p in enumerate(recorded) if j != k and p is not None]
+
+                def reduce(own, others=others):
+                    return own + sum(others, torch.zeros_like(own))
+
+                loss, _ = policy_loss(logp[i], old[i], adv[i], pg, metric, config, cp_all_reduce=reduce)
+                total = total + loss
+    return total
+
+
+def check_new_variant(case: Case, config: LossConfig, mode: str) -> dict[str, float]:
+    # Advantages of both signs (every branch), so the objective can cancel to near 0: its error is taken
+    # relative to its size without cancellation, the same aggregation of |l| (exactly 0 stays required).
+    logp, old, adv = inputs(case, signed_advantages=True)
+    leaf64 = logp.clone().requires_grad_(True)
+    per_token = new_reference_per_token_loss(case, leaf64, old, adv, config)
+    want = reference_objective(per_token, case, mode)
+    size = float(reference_objective(per_token.detach().abs(), case, mode))
+    (want_grad,) = torch.autograd.grad(want, leaf64)
+    errors = {}
+    for dtype in (torch.float64, torch.float32):
+        leaf = logp.to(dtype).requires_grad_(True)
+        got = all_reduced_partitioned_loss(case, config, leaf, old.to(dtype), adv.to(dtype))
+        (grad,) = torch.autograd.grad(got, leaf)
+        diff = abs(float(got.detach()) - float(want.detach()))
+        errors[f"objective_{dtype}"] = diff / size if size else objective_error(got, want)
+        errors[f"gradient_{dtype}"] = gradient_error(grad, want_grad)
+        assert errors[f"objective_{dtype}"] <= TOLERANCE[dtype], (dtype, float(got), float(want))
+        assert errors[f"gradient_{dtype}"] <= TOLERANCE[dtype], dtype
+    return errors
+
+
+@pytest.mark.parametrize("qkv_format", FORMATS)
+@pytest.mark.parametrize("variant", list(NEW_VARIANTS))
+@NEW_SETTINGS
+@given(data=st.data())
+def test_2026_surrogate_partials_and_gradients_sum_to_the_step_in_every_mode(variant, qkv_format, data):
+    case = data.draw(partitioned_steps(qkv_format))
+    mode = data.draw(st.sampled_from(AGGREGATIONS), label="aggregation")
+    errors = check_new_variant(case, new_config_for(variant, mode, case), mode)
+    SEEN.record(f"step[{variant}-{qkv_format}]", {f"{variant}_{k}": v for k, v in errors.items()})
 
 
 def test_property_summary_reports_examples_and_largest_errors(report_summary):

@@ -7,7 +7,15 @@ import math
 import pytest
 import torch
 
-from launchers.backends.toy import DigitSumTask, ModelConfig, ToyPolicy, cp_batch, generate, local_logprobs, run_simulated_cp
+from launchers.backends.toy import (
+    DigitSumTask,
+    ModelConfig,
+    ToyPolicy,
+    cp_batch,
+    generate,
+    local_logprobs,
+    run_simulated_cp,
+)
 from launchers.backends.toy.rollout import sample_rollout
 from launchers.backends.toy.task import BOS_ID, EOS_ID, SEP_ID
 from rl_loss import LossConfig, ReducerFactory, StepBatch, local_response_ranges

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from launchers.config.preflight import compose_job
 from launchers.backends.toy.trainer import train
+from launchers.config.preflight import compose_job
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = [

@@ -15,9 +15,6 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from launchers.config.backends import HFModelConfig, HFTinyModelConfig
-from launchers.config.conf_store import section_options
-from launchers.config.run_config import ModelConfig, RunConfig
 from launchers.backends.hf.grpo_args import (
     GRPO_CONFIG_FIELDS,
     HONOURED_OUTSIDE_GRPO_CONFIG,
@@ -26,8 +23,11 @@ from launchers.backends.hf.grpo_args import (
     trl_loss_config,
 )
 from launchers.backends.hf.task import DigitSumReward, prompt_dataset
-from launchers.config.preflight import ConfigError, compose_job
 from launchers.backends.toy.task import DigitSumTask
+from launchers.config.backends import HFModelConfig, HFTinyModelConfig
+from launchers.config.conf_store import section_options
+from launchers.config.preflight import ConfigError, compose_job
+from launchers.config.run_config import ModelConfig, RunConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 TRL = ["backend=trl", "model=hf_tiny"]

@@ -169,3 +169,50 @@ def test_a_covariance_penalty_the_trainer_cannot_select_for_is_rejected(out):
 def test_a_rollout_correction_without_vllm_log_probs_is_rejected(out):
     (line,) = problems(out, LossConfig(rollout_correction=dict(is_level="token")))
     assert line.startswith("loss_config.rollout_correction:") and "use_vllm=False" in line
+
+
+# --- the loss types TRL 1.16 ships that rl-loss can now express (docs/objectives-2026.md) ----------------------
+
+
+@pytest.mark.parametrize(
+    ("loss_type", "loss", "accepted"),
+    [
+        ("vespo", LossConfig(surrogate="vespo", aggregation="token_mean"), True),
+        ("vespo", LossConfig(surrogate="vespo"), False),  # TRL's vespo divides by the tokens: token_mean
+        ("luspo", LossConfig(aggregation="constant", divisor=1.0, ratio_level="sequence"), True),
+        ("luspo", LossConfig(aggregation="constant", divisor=6.0, ratio_level="sequence"), False),
+    ],
+)
+def test_vespo_and_luspo_loss_types_map_to_their_loss_config(out, loss_type, loss, accepted):
+    level = "sequence" if loss.ratio_level == "sequence" else "token"
+    found = problems(out, loss, loss_type=loss_type, importance_sampling_level=level)
+    if accepted:
+        assert found == []
+    else:
+        (line,) = found
+        assert line.startswith("GRPOConfig.loss_type:") and f"got loss_type={loss_type!r}" in line
+
+
+def test_bnpo_is_the_one_loss_type_named_as_inexpressible(out):
+    (line,) = problems(out, LossConfig(aggregation="token_mean"), loss_type="bnpo")
+    assert "no rl-loss equivalent (TRL loss types without one: bnpo" in line
+
+
+def test_trls_cispo_epsilon_high_is_the_cap_itself(out):
+    loss = LossConfig(surrogate="cispo", aggregation="token_mean", eps_clip_high=4.0)
+    assert problems(out, loss, loss_type="cispo", epsilon_high=5.0) == []  # cap 5 = 1 + 4
+    (unset,) = problems(out, loss, loss_type="cispo")  # TRL would cap at epsilon = 0.2
+    assert unset.startswith("GRPOConfig.epsilon_high:") and "set epsilon_high = 1 + loss_config.eps_clip_high = 5.0" in unset
+
+
+def test_vespo_parameters_must_equal_the_loss_configs(out):
+    loss = LossConfig(surrogate="vespo", aggregation="token_mean", vespo_k_pos=1.5)
+    assert problems(out, loss, loss_type="vespo", vespo_k_pos=1.5) == []
+    (line,) = problems(out, loss, loss_type="vespo", vespo_k_pos=2.5)
+    assert line.startswith("GRPOConfig.vespo_k_pos: must equal loss_config.vespo_k_pos=1.5") and "got 2.5" in line
+    (other,) = problems(out, LossConfig(), vespo_k_pos=2.5)  # without vespo it is TRL's own parameter
+    assert other.startswith("GRPOConfig.vespo_k_pos: a parameter of TRL's own loss")
+
+
+def test_gspo_token_keeps_trls_default_token_level(out):
+    assert problems(out, LossConfig(ratio_level="sequence_token")) == []

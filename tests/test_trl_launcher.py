@@ -111,9 +111,9 @@ def test_several_steps_per_rollout_share_its_reward(tmp_path):
 
 
 def save_tiny_model(folder: Path, chat_template: str | None = None) -> Path:
-    from launchers.config.backends import HFTinyModelConfig
     from launchers.backends.hf.models import tiny_model
     from launchers.backends.toy.task import DigitSumTask
+    from launchers.config.backends import HFTinyModelConfig
 
     policy = tiny_model(HFTinyModelConfig(), DigitSumTask(), seed=0)
     if chat_template is not None:
@@ -134,10 +134,10 @@ def test_pretrained_model_loads_from_a_local_folder(tmp_path):
 
 
 def test_pretrained_model_with_a_chat_template_gets_chat_prompts(tmp_path):
-    from launchers.config.backends import HFModelConfig
     from launchers.backends.hf.models import pretrained_model
     from launchers.backends.hf.task import chat_prompt
     from launchers.backends.toy.task import DigitSumTask
+    from launchers.config.backends import HFModelConfig
 
     folder = save_tiny_model(tmp_path, chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
     policy = pretrained_model(HFModelConfig(name_or_path=str(folder)), DigitSumTask(), seed=0)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from launchers.config.preflight import compose_job
 from launchers.runs.checkpoints import (
     UnusableCheckpoint,
     checksum_path,
@@ -29,7 +30,6 @@ from launchers.runs.checkpoints import (
     verify_checksum,
     write_checksum,
 )
-from launchers.config.preflight import compose_job
 from launchers.runs.recipe import run_invariant
 from launchers.runs.run_lock import LOCK_NAME, Owner, process_start, this_process
 from tests.test_checkpoints import resumed_from

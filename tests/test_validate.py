@@ -199,6 +199,11 @@ RULE_CASES = {
         "loss.cispo_clip_low=0.2: loss.cispo_clip_low: bounds CISPO's IS weight below and would be ignored with "
         "surrogate=ppo_clip (got 0.2); remove it or set surrogate=cispo",
     ),
+    "_surrogate_parameters_used": (
+        ["loss=gmpo", "loss.vespo_k_pos=2"],
+        "loss.vespo_k_pos=2: loss.vespo_k_pos: is only used by surrogate=vespo, it would be ignored with "
+        "surrogate=gmpo (got 2.0); remove it or set surrogate=vespo",
+    ),
 }
 # before-validators that accept and relabel (tested above, with their warning)
 RELABELLING_RULES = {"_per_token_flag_is_token_mean"}
@@ -240,7 +245,7 @@ def test_divisor_must_be_finite_and_positive(capsys, value):
 
 def test_unknown_preset_gets_did_you_mean(capsys):
     line = only_problem(capsys, "loss=grpoo")
-    assert line.startswith("loss=grpoo: no such option; did you mean 'loss=grpo'? (available: cispo, dapo, drgrpo, grpo, ")
+    assert line.startswith("loss=grpoo: no such option; did you mean 'loss=grpo'? (available: cispo, dapo, dppo, drgrpo, gmpo, grpo, ")
 
 
 def test_unknown_key_override_gets_did_you_mean(capsys):
@@ -383,7 +388,7 @@ def test_problem_inherited_from_a_preset_names_the_file(capsys, tmp_path):
 def test_unknown_preset_in_a_files_defaults_gets_did_you_mean(capsys, tmp_path):
     path = write(tmp_path, "defaults:\n  - dapoo\n  - _self_\n")
     assert only_problem(capsys, path).startswith(
-        f"{path}:1: defaults: no loss preset 'dapoo'; did you mean 'dapo'? (available: base, cispo, dapo, drgrpo, grpo, "
+        f"{path}:1: defaults: no loss preset 'dapoo'; did you mean 'dapo'? (available: base, cispo, dapo, dppo, drgrpo, gmpo, grpo, "
     )
 
 

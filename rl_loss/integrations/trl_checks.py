@@ -29,8 +29,13 @@ TRL_LOSS_TYPES: dict[str, tuple[str, str]] = {
     "dr_grpo": ("constant", "ppo_clip"),  # with divisor = max_completion_length
     "cispo": ("token_mean", "cispo"),
     "sapo": ("sample_mean", "sapo"),
+    "vespo": ("token_mean", "vespo"),
+    "luspo": ("constant", "ppo_clip"),  # with divisor = 1: each sample's token sum, averaged over the samples
 }
 """TRL ``loss_type`` -> the (aggregation, surrogate) of the loss config that means the same objective."""
+
+TRL_UNMAPPED_LOSS_TYPES = "bnpo (a token mean per micro-batch, not of the optimizer step)"
+"""The TRL 1.16 loss types rl-loss cannot express, in one line."""
 
 TRL_ADVANTAGE_EPS = 1e-4
 """The eps TRL 1.16 adds to the reward std (hard-coded in ``_generate_and_score_completions``)."""
@@ -106,13 +111,14 @@ def _loss_type_agrees(args: Any, loss: LossConfig) -> str | None:
         return None
     wanted = TRL_LOSS_TYPES.get(args.loss_type)
     ours = (loss.aggregation, _surrogate(loss))
-    divisor_ok = args.loss_type != "dr_grpo" or _same(loss.divisor, float(args.max_completion_length))
+    divisor = {"dr_grpo": float(args.max_completion_length), "luspo": 1.0}.get(args.loss_type)
+    divisor_ok = divisor is None or _same(loss.divisor, divisor)
     if wanted == ours and divisor_ok:
         return None
     if wanted is None:
-        why = "it has no rl-loss equivalent"
-    elif args.loss_type == "dr_grpo" and wanted == ours:
-        why = f"dr_grpo divides by max_completion_length={args.max_completion_length} but loss_config.divisor={loss.divisor}"
+        why = f"it has no rl-loss equivalent (TRL loss types without one: {TRL_UNMAPPED_LOSS_TYPES})"
+    elif wanted == ours:
+        why = f"{args.loss_type} divides by {divisor} but loss_config.divisor={loss.divisor}"
     else:
         why = f"it means aggregation={wanted[0]}, surrogate={wanted[1]} but loss_config has {ours[0]}, {ours[1]}"
     return (
@@ -128,6 +134,12 @@ def _clip_range_agrees(args: Any, loss: LossConfig) -> str | None:
         problems.append(
             f"GRPOConfig.epsilon: must equal loss_config.eps_clip={loss.clip_low}, which decides the clip range "
             f"(got epsilon={args.epsilon}); set loss_config.eps_clip={args.epsilon} or leave epsilon at its default"
+        )
+    if surrogate == "cispo" and args.loss_type == "cispo" and args.epsilon_high is None:
+        # TRL's cispo caps the ratio at epsilon_high, which defaults to epsilon (0.2): a cap below 1
+        problems.append(
+            f"GRPOConfig.epsilon_high: TRL's cispo caps the ratio at epsilon_high itself, which unset is epsilon="
+            f"{args.epsilon} (got None); set epsilon_high = 1 + loss_config.eps_clip_high = {1.0 + loss.clip_high}"
         )
     if surrogate in ("ppo_clip", "cispo") and args.epsilon_high is not None:
         # TRL's cispo caps the ratio at epsilon_high itself; rl-loss's at 1 + eps_clip_high (SPEC §5b).
@@ -157,6 +169,8 @@ def _dual_clip_agrees(args: Any, loss: LossConfig) -> str | None:
 
 def _ratio_level_agrees(args: Any, loss: LossConfig) -> str | None:
     ours = getattr(loss, "ratio_level", "token")
+    if ours == "sequence_token":  # TRL 1.16 has no such level; its default "token" leaves the choice to loss_config
+        ours = "token"
     if _is_default(args, "importance_sampling_level") or args.importance_sampling_level == ours:
         return None
     return (
@@ -165,16 +179,35 @@ def _ratio_level_agrees(args: Any, loss: LossConfig) -> str | None:
     )
 
 
+VESPO_FIELDS = ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg")
+"""GRPOConfig's VESPO fields, named as LossConfig's (and in the same order as ``LossConfig.vespo_shape``)."""
+
+
 def _no_trl_surrogate_parameters(args: Any, loss: LossConfig) -> str | None:
     # read only by TRL's own sapo / vespo losses; rl-loss takes a surrogate's parameters from loss_config
-    names = ("sapo_temperature_pos", "sapo_temperature_neg", "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg",
-             "vespo_lambda_neg")
     problems = [
         f"GRPOConfig.{name}: a parameter of TRL's own loss, which RLLossGRPOTrainer replaces (got {getattr(args, name)}); "
         "leave it at its default and set the surrogate's parameters in loss_config"
-        for name in names
+        for name in ("sapo_temperature_pos", "sapo_temperature_neg", *(() if _surrogate(loss) == "vespo" else VESPO_FIELDS))
         if not _is_default(args, name)
     ]
+    return "\n".join(problems) or None
+
+
+def _vespo_shape_agrees(args: Any, loss: LossConfig) -> str | None:
+    if _surrogate(loss) != "vespo":
+        return None
+    problems = [
+        f"GRPOConfig.{name}: must equal loss_config.{name}={ours}, which decides VESPO's weight (got {getattr(args, name)}); "
+        f"set loss_config.{name}={getattr(args, name)} or leave {name} at its default"
+        for name, ours in zip(VESPO_FIELDS, loss.vespo_shape, strict=True)
+        if not _is_default(args, name) and not _same(getattr(args, name), ours)
+    ]
+    if getattr(args, "use_vllm", False) and getattr(args, "vllm_importance_sampling_correction", False):
+        problems.append(
+            "GRPOConfig.vllm_importance_sampling_correction: TRL folds the vLLM ratio into VESPO's sequence weight, "
+            "rl-loss multiplies each token's loss by it (got True with surrogate=vespo); set it to False"
+        )
     return "\n".join(problems) or None
 
 
@@ -289,6 +322,7 @@ RULES: tuple[Callable[[Any, LossConfig], str | None], ...] = (
     _dual_clip_agrees,
     _ratio_level_agrees,
     _no_trl_surrogate_parameters,
+    _vespo_shape_agrees,
     _kl_coef_is_beta,
     _kl_without_bias_correction,
     _entropy_from_loss_config,

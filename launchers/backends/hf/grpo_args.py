@@ -106,7 +106,8 @@ def grpo_config_kwargs(cfg: RunConfig, run_dir: str | Path, world_size: int = 1,
         "beta": cfg.loss.kl_coef,
         "scale_rewards": SCALE_REWARDS[cfg.loss.advantage_estimator],
         # RLLossGRPOTrainer checks that TRL's ratio level names the loss's (token, or sequence for GSPO)
-        "importance_sampling_level": getattr(cfg.loss, "ratio_level", "token"),
+        # (TRL has no sequence_token level: RLLossGRPOTrainer computes GSPO-token itself from TRL's default "token")
+        "importance_sampling_level": "sequence" if getattr(cfg.loss, "ratio_level", "token") == "sequence" else "token",
         # run level
         "seed": cfg.seed,
         "use_cpu": not _CUDA_REQUESTED.get(cfg.device, cuda_available),
