@@ -14,7 +14,13 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 from typing_extensions import Self
 
-from launchers.config.backends import HFModelConfig, HFTinyModelConfig, ToyBackendConfig, TrlBackendConfig, backend_for_model
+from launchers.config.backends import (
+    HFModelConfig,
+    HFTinyModelConfig,
+    ToyBackendConfig,
+    TrlBackendConfig,
+    backend_for_model,
+)
 from rl_loss.config import DivisorBelowMaxLength, LossConfig
 
 _SECTION = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)

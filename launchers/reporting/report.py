@@ -31,8 +31,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from launchers.runs.run_records import SeedGroup, find_runs, group_seeds
 from launchers.reporting.seed_stats import LEVEL, Interval, mean_interval, welch_interval
+from launchers.runs.run_records import SeedGroup, find_runs, group_seeds
 
 SMOOTH = 5
 DEFAULT_METRICS = ("reward_mean", "response_length_mean")

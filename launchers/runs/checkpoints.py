@@ -157,8 +157,8 @@ def _unpickling_reason(err: Exception) -> str:
     text = str(err)
     code = re.search(r"(?i)unsupported global:? (?:GLOBAL )?([\w.]+)", text)
     if code:
-        return (f"refused by torch's weights-only loader: it names {code.group(1).rstrip('.')}, which no checkpoint "
-                "of this launcher holds (a file crafted to run code?); nothing in it was run")
+        return (f"refused: loading it would call {code.group(1).rstrip('.')}, which no checkpoint of this launcher "
+                "holds (a file crafted to run code?); torch's weights-only loader blocked it, nothing in it was run")
     detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
     reason = detail.group(1).strip() if detail else "not a torch checkpoint"
     return f"refused by torch's weights-only loader ({reason}): not a checkpoint of this launcher; nothing in it was run"

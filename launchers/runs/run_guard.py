@@ -35,11 +35,10 @@ from typing import Any
 
 import torch
 
-from launchers.runs.checkpoints import has_checkpoints
 from launchers.config.run_config import RunConfig
+from launchers.runs.checkpoints import has_checkpoints
 from launchers.runs.recipe import changes, config_tree, run_invariant
 from launchers.runs.run_io import CHECKPOINT_DIR, atomic_write
-from launchers.runs.safe_read import UnsafeInput, read_json
 from launchers.runs.run_lock import (
     LOCK_NAME,
     RunFolderBusy,
@@ -50,6 +49,7 @@ from launchers.runs.run_lock import (
     stale_reason,
     this_process,
 )
+from launchers.runs.safe_read import UnsafeInput, read_json
 
 log = logging.getLogger("launchers.train")
 

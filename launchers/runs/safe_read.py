@@ -40,13 +40,13 @@ class UnsafeInput(ValueError):
     """A run-folder file that is refused; the message is one line naming it and why."""
 
 
-def read_bytes(path: Path, cap: int = TEXT_CAP) -> bytes:
+def read_bytes(path: Path, cap: int | None = None) -> bytes:
     """The bytes of the regular file ``path`` (symbolic links followed), at most ``cap`` of them.
 
     Raises:
-        UnsafeInput: missing, not a regular file, unreadable, or larger than ``cap``.
+        UnsafeInput: missing, not a regular file, unreadable, or larger than ``cap`` (default :data:`TEXT_CAP`).
     """
-    path = Path(path)
+    path, cap = Path(path), TEXT_CAP if cap is None else cap
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as err:
@@ -86,7 +86,7 @@ def _kind(mode: int) -> str:
     return "not a plain file"
 
 
-def read_text(path: Path, cap: int = TEXT_CAP) -> str:
+def read_text(path: Path, cap: int | None = None) -> str:
     """:func:`read_bytes` decoded as UTF-8 (undecodable bytes become U+FFFD)."""
     return read_bytes(path, cap).decode("utf-8", errors="replace")
 
@@ -136,17 +136,19 @@ def parse_yaml(text: str, source: Path | str = "<text>") -> Any:
     Raises:
         UnsafeInput: not YAML, too deep, or too large once aliases are expanded.
     """
-    loader = _BoundedLoader(text)
+    loader = None
     try:
+        loader = _BoundedLoader(text)  # PyYAML's reader checks the characters here already
         return loader.get_single_data()
     except (yaml.YAMLError, RecursionError, ValueError, TypeError) as err:
         detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UnsafeInput(f"{source}: not readable as plain YAML ({detail})") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
-def read_yaml(path: Path, cap: int = TEXT_CAP) -> Any:
+def read_yaml(path: Path, cap: int | None = None) -> Any:
     """:func:`parse_yaml` of the file ``path`` (read with :func:`read_text`)."""
     return parse_yaml(read_text(path, cap), path)
 
@@ -190,11 +192,12 @@ def _depth(value: Any) -> int:
     return depth
 
 
-def read_json(path: Path, cap: int = TEXT_CAP) -> Any:
+def read_json(path: Path, cap: int | None = None) -> Any:
     """:func:`parse_json` of the file ``path``."""
     return parse_json(read_text(path, cap), path)
 
 
-def read_jsonl_lines(path: Path, cap: int = JSONL_CAP) -> list[str]:
-    """The lines of a JSON-lines file (each parsed later with :func:`parse_json`), read under ``cap``."""
-    return read_text(path, cap).splitlines()
+def read_jsonl_lines(path: Path, cap: int | None = None) -> list[str]:
+    """The lines of a JSON-lines file (each parsed later with :func:`parse_json`), read under ``cap`` (default
+    :data:`JSONL_CAP`)."""
+    return read_text(path, JSONL_CAP if cap is None else cap).splitlines()

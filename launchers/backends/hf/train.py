@@ -29,7 +29,7 @@ import torch
 from launchers.config.backends import import_entry
 from launchers.runs.checkpoints import TRAINER_FOLDERS, Agree, resume_newest
 from launchers.config.run_config import RunConfig
-from launchers.backends.hf.callbacks import ChecksumCallback, MetricsCallback, SaveAtEndCallback, StopCallback, all_processes_sum
+from launchers.backends.hf.callbacks import ChecksumCallback, FiniteGradientCallback, MetricsCallback, SaveAtEndCallback, StopCallback, all_processes_sum
 from launchers.backends.hf.grpo_args import CHECKPOINT_SUBDIR, grpo_config_kwargs, trl_loss_config
 from launchers.backends.hf.models import LoadedPolicy, ModelLoadError
 from launchers.backends.hf.task import DigitSumReward, prompt_dataset
@@ -159,7 +159,7 @@ def _trainer(config: RunConfig, args: Any, metrics: MetricsCallback) -> Any:
         args=args,
         train_dataset=dataset,
         processing_class=policy.tokenizer,
-        callbacks=[metrics, SaveAtEndCallback(), ChecksumCallback()],
+        callbacks=[metrics, SaveAtEndCallback(), ChecksumCallback(), FiniteGradientCallback()],
         loss_config=trl_loss_config(config),
     )
     for printer in (PrinterCallback, ProgressCallback):  # the launcher's own progress display replaces them
