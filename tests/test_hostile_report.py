@@ -155,7 +155,7 @@ def test_deep_json_nesting_in_metrics_is_a_skipped_line(tmp_path):
     path.write_text(record(1) + "\n" + "[" * 100_000 + "]" * 100_000 + "\n")
     records, problems = read_metrics(path)
     assert [r["step"] for r in records] == [1]
-    assert problems == [f"{path} line 2: nested too deeply to be read as JSON (a torn or partial write?); line skipped"]
+    assert problems == [f"{path} line 2: nested too deeply to be read as JSON; line skipped"]
 
 
 @pytest.mark.parametrize("where", ["metrics.jsonl", ".hydra/config.yaml"])
@@ -212,8 +212,7 @@ def test_non_finite_number_skips_its_line(tmp_path, literal):
     path = write_run(tmp_path / "run", [record(1), f'{{"step": 2, "reward_mean": {literal}}}']) / "metrics.jsonl"
     records, problems = read_metrics(path)
     assert [r["step"] for r in records] == [1]
-    assert problems == [f"{path} line 2: not valid JSON ({literal} is not a finite number) (a torn or partial "
-                        "write?); line skipped"]
+    assert problems == [f"{path} line 2: {literal} is not a finite number; line skipped"]
 
 
 def test_infinite_step_is_a_skipped_line(tmp_path):

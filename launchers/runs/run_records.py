@@ -52,7 +52,11 @@ def read_metrics(path: Path) -> tuple[list[dict], list[str]]:
             record = parse_json(line)
         except UnsafeInput as err:
             reason = str(err).split(": ", 1)[1]
-            problems.append(f"{path} line {number}: {reason} (a torn or partial write?); line skipped")
+            if "not a finite number" in reason:  # NaN, Infinity, 1e999: written by no launcher
+                reason = reason.removeprefix("not valid JSON (").removesuffix(")")
+            elif not reason.startswith("nested"):
+                reason = "not JSON (a torn or partial write?)"
+            problems.append(f"{path} line {number}: {reason}; line skipped")
             continue
         if not isinstance(record, dict) or not isinstance(record.get("step"), int) or isinstance(record["step"], bool):
             problems.append(f"{path} line {number}: not a step record (no integer 'step'); line skipped")
