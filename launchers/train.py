@@ -107,7 +107,9 @@ def main(argv: list[str] | None = None) -> None:
         # rank 0 alone writes the run folder's .hydra/ record and log file
         argv = [*argv, "hydra.output_subdir=null", "hydra/job_logging=disabled"]
     elif jobs and not any(a.startswith("hydra.output_subdir=") for a in argv):
-        argv = [*argv, _staging_override(multirun)]
+        argv = [*argv, *_staging_overrides(multirun, len(jobs), custom_logging=any(a.startswith("hydra/job_logging=")
+                                                                        or a.startswith("hydra.job_logging")
+                                                                        for a in argv))]
     sys.argv = [sys.argv[0], *argv]
     try:
         hydra_job()
@@ -116,13 +118,18 @@ def main(argv: list[str] | None = None) -> None:
             shutil.rmtree(root, ignore_errors=True)
 
 
-def _staging_override(multirun: bool) -> str:
-    """``hydra.output_subdir=`` a fresh private folder (one subfolder per job of a sweep); see the module docstring."""
+def _staging_overrides(multirun: bool, n_jobs: int, custom_logging: bool) -> list[str]:
+    """``hydra.output_subdir=`` a fresh private folder (one subfolder per job of a sweep), and the job's log
+    file there too (unless the command line sets its own logging); see the module docstring."""
     import tempfile
 
     staging = tempfile.mkdtemp(prefix="rl-loss-hydra-")
     os.environ[STAGING_ENV] = staging
-    return f"hydra.output_subdir={staging}/" + ("${hydra.job.num}" if multirun else "job")
+    for name in map(str, range(n_jobs)) if multirun else ["job"]:  # Hydra opens the log file before it makes folders
+        Path(staging, name).mkdir()
+    job = f"{staging}/" + ("${hydra.job.num}" if multirun else "job")
+    log_file = [] if custom_logging else [f"hydra.job_logging.handlers.file.filename={job}/${{hydra.job.name}}.log"]
+    return [f"hydra.output_subdir={job}", *log_file]
 
 
 if __name__ == "__main__":

@@ -124,20 +124,24 @@ def test_random_bytes_as_checksum_or_checkpoint_are_skipped_with_one_line(tmp_pa
 def launch(monkeypatch, *argv: str) -> int:
     """``python -m launchers.train ARGV`` in-process; the early precheck is skipped, as when two launches race."""
     monkeypatch.setattr(run_guard, "precheck", lambda *a, **k: None)
-    with pytest.raises(SystemExit) as exit_:
+    try:
         train_cli.main([*TINY, *argv])
-    return exit_.value.code
+    except SystemExit as exit_:
+        return exit_.code
+    return 0
 
 
 @pytest.mark.slow
 def test_refused_launch_with_interpolated_run_dir_leaves_the_folder_byte_identical(run_copy, monkeypatch, capsys):
-    before = snapshot(run_copy)
+    run0 = run_copy.rename(run_copy.with_name("run0"))
+    before = snapshot(run0)
     code = launch(monkeypatch, "trainer.max_steps=2", "loss.aggregation=token_mean",
-                  f"hydra.run.dir={run_copy.parent}/r${{seed}}n")  # resolves to run_copy only inside Hydra's job
+                  f"hydra.run.dir={run0.parent}/run${{seed}}")  # the early check never sees the resolved folder
     assert code == 2
-    run_copy.with_name("r0n").rename(run_copy.with_name("ignored")) if run_copy.with_name("r0n").exists() else None
-    assert snapshot(run_copy) == before
-    assert "already holds a run" in capsys.readouterr().err or True
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"run folder {run0} already holds a run (run_config.json); continue it with resume=true, or start this run "
+        "in another folder (hydra.run.dir=...)"]
+    assert snapshot(run0) == before
 
 
 @pytest.mark.slow
@@ -163,7 +167,7 @@ def test_launch_racing_a_live_run_changes_nothing(run_copy, monkeypatch, capsys)
 
 @pytest.mark.slow
 def test_accepted_launch_moves_hydras_record_in(tmp_path, monkeypatch):
-    assert launch(monkeypatch, "trainer.max_steps=1", f"hydra.run.dir={tmp_path / 'new'}") in (0, None)
+    assert launch(monkeypatch, "trainer.max_steps=1", f"hydra.run.dir={tmp_path / 'new'}") == 0
     assert sorted(p.name for p in (tmp_path / "new" / ".hydra").iterdir()) == ["config.yaml", "hydra.yaml",
                                                                                "overrides.yaml"]
 
@@ -390,7 +394,7 @@ KILL_POINTS = ["after_metrics", "inside_checkpoint_write", "before_checksum"]
 
 
 @pytest.mark.slow
-@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(step=st.integers(1, 3), point=st.sampled_from(KILL_POINTS))
 def test_kill_at_a_random_point_then_resume_ends_with_every_step_once(tmp_path_factory, monkeypatch, step, point):
     run_dir = tmp_path_factory.mktemp("kill") / "run"
@@ -408,7 +412,7 @@ def test_kill_at_a_random_point_then_resume_ends_with_every_step_once(tmp_path_f
         else:
             from launchers.runs import checkpoints
 
-            target = run_io if point == "inside_checkpoint_write" else checkpoints
+            target = checkpoints  # where save_checkpoint looks both names up
             name = "save_atomic" if point == "inside_checkpoint_write" else "write_checksum"
             real = getattr(target, name)
 

@@ -74,11 +74,33 @@ def move_record(staged: Path, run_dir: Path) -> None:
 
     target = run_dir / ".hydra"
     target.mkdir(exist_ok=True)
+    _move_log_files(staged, run_dir)
     for source in sorted(staged.glob("*.yaml")):
         with atomic_write(target / source.name) as f:
             f.write(source.read_text())
         shutil.copymode(source, target / source.name)  # mkstemp's 0600 would hide the record from the group
     shutil.rmtree(staged, ignore_errors=True)
+
+
+def _move_log_files(staged: Path, run_dir: Path) -> None:
+    """Point each log file handler writing into ``staged`` at the same name in ``run_dir``, appending what it wrote."""
+    import logging
+
+    for handler in logging.getLogger().handlers:
+        if not isinstance(handler, logging.FileHandler) or not Path(handler.baseFilename).is_relative_to(staged):
+            continue
+        handler.acquire()
+        try:
+            handler.flush()
+            if handler.stream is not None:
+                handler.stream.close()
+            source, target = Path(handler.baseFilename), run_dir / Path(handler.baseFilename).name
+            with target.open("a") as f:
+                f.write(source.read_text() if source.exists() else "")
+            handler.baseFilename = str(target)
+            handler.stream = handler._open()
+        finally:
+            handler.release()
 
 
 @contextmanager
