@@ -46,16 +46,18 @@ def hydra_job(cfg: DictConfig) -> float | None:
 
 
 STAGING_ENV = "RL_LOSS_HYDRA_STAGING"
+STAGING_PREFIX = "rl-loss-hydra-"
 """Set by :func:`main` in the main process: the folder Hydra writes each job's record into."""
 
 
 def _staged_record() -> Path | None:
     """Where Hydra wrote this job's ``.hydra/`` record when :func:`main` staged it, else None."""
-    root, hydra_cfg = os.environ.get(STAGING_ENV), HydraConfig.get()
-    if not root or hydra_cfg.output_subdir is None:
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.output_subdir is None:
         return None
     staged = Path(hydra_cfg.runtime.output_dir) / str(hydra_cfg.output_subdir)
-    return staged if staged.is_relative_to(root) else None
+    # by the folder's name, not STAGING_ENV alone: a launcher plugin may run the job in a fresh process
+    return staged if staged.parent.name.startswith(STAGING_PREFIX) else None
 
 
 def torchrun_run_dir() -> str:
@@ -123,7 +125,7 @@ def _staging_overrides(multirun: bool, n_jobs: int, custom_logging: bool) -> lis
     file there too (unless the command line sets its own logging); see the module docstring."""
     import tempfile
 
-    staging = tempfile.mkdtemp(prefix="rl-loss-hydra-")
+    staging = tempfile.mkdtemp(prefix=STAGING_PREFIX)
     os.environ[STAGING_ENV] = staging
     for name in map(str, range(n_jobs)) if multirun else ["job"]:  # Hydra opens the log file before it makes folders
         Path(staging, name).mkdir()

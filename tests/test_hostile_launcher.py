@@ -22,7 +22,7 @@ from launchers import train as train_cli
 from launchers.backends.toy import trainer as toy_trainer
 from launchers.config.preflight import ConfigError, compose_job
 from launchers.runs import failures, run_guard, run_io, summary
-from launchers.runs.checkpoints import checkpoint_files, load_checkpoint, save_checkpoint, UnusableCheckpoint
+from launchers.runs.checkpoints import UnusableCheckpoint, checkpoint_files, load_checkpoint, save_checkpoint
 from launchers.runs.run_guard import Refused, decide, folder_problem
 from launchers.runs.run_io import metrics_up_to
 from launchers.runs.safe_read import UnsafeInput
