@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
         # rank 0 alone writes the run folder's .hydra/ record and log file
         argv = [*argv, "hydra.output_subdir=null", "hydra/job_logging=disabled"]
     elif jobs and not any(a.startswith("hydra.output_subdir=") for a in argv):
-        argv = [*argv, *_staging_overrides(multirun, len(jobs), custom_logging=any(a.startswith("hydra/job_logging=")
+        argv = [*argv, *_staging_overrides(multirun, custom_logging=any(a.startswith("hydra/job_logging=")
                                                                         or a.startswith("hydra.job_logging")
                                                                         for a in argv))]
     sys.argv = [sys.argv[0], *argv]
@@ -120,18 +120,20 @@ def main(argv: list[str] | None = None) -> None:
             shutil.rmtree(root, ignore_errors=True)
 
 
-def _staging_overrides(multirun: bool, n_jobs: int, custom_logging: bool) -> list[str]:
+def _staging_overrides(multirun: bool, custom_logging: bool) -> list[str]:
     """``hydra.output_subdir=`` a fresh private folder (one subfolder per job of a sweep), and the job's log
     file there too (unless the command line sets its own logging); see the module docstring."""
     import tempfile
 
     staging = tempfile.mkdtemp(prefix=STAGING_PREFIX)
     os.environ[STAGING_ENV] = staging
-    for name in map(str, range(n_jobs)) if multirun else ["job"]:  # Hydra opens the log file before it makes folders
-        Path(staging, name).mkdir()
-    job = f"{staging}/" + ("${hydra.job.num}" if multirun else "job")
-    log_file = [] if custom_logging else [f"hydra.job_logging.handlers.file.filename={job}/${{hydra.job.name}}.log"]
-    return [f"hydra.output_subdir={job}", *log_file]
+    if multirun:
+        # The log file is not staged in a sweep: a launcher plugin may run (and requeue) a job on another
+        # machine, where the staging folder does not exist when Hydra opens the log, before any folder is made.
+        return [f"hydra.output_subdir={staging}/${{hydra.job.num}}"]
+    Path(staging, "job").mkdir()
+    log_file = [] if custom_logging else [f"hydra.job_logging.handlers.file.filename={staging}/job/${{hydra.job.name}}.log"]
+    return [f"hydra.output_subdir={staging}/job", *log_file]
 
 
 if __name__ == "__main__":
