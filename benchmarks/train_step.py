@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from launchers.backends.toy.distributed import ParallelContext
-from launchers.config.preflight import compose_job
 from launchers.backends.toy.trainer import Trainer, resolve_device
+from launchers.config.preflight import compose_job
 from rl_loss import ReducerFactory
 
 

@@ -38,6 +38,8 @@ class Job:
     overrides: tuple[str, ...]
     config: RunConfig
     warnings: tuple[str, ...]
+    run_dir: str | None = None
+    """Hydra's ``hydra.run.dir`` with its interpolations (``${seed}``) resolved; None when it cannot be."""
 
 
 def world_size_from_env() -> int:
@@ -128,6 +130,10 @@ def compose_job(overrides: list[str], world_size: int = 1) -> Job:
     finally:
         GlobalHydra.instance().clear()
     choices = {section: cfg.hydra.runtime.choices.get(section) for section in GROUP_SECTIONS}
+    try:
+        run_dir = str(cfg.hydra.run.dir)
+    except Exception:  # noqa: BLE001 - an interpolation only Hydra's job can resolve
+        run_dir = None
     with open_dict(cfg):
         del cfg["hydra"]
     try:
@@ -139,7 +145,7 @@ def compose_job(overrides: list[str], world_size: int = 1) -> Job:
     _check_group_tags(data, choices)
     config, warns = validate_run(data, world_size)
     _check_custom_reducer(config)
-    return Job(tuple(overrides), config, tuple(warns))
+    return Job(tuple(overrides), config, tuple(warns), run_dir)
 
 
 def _check_custom_reducer(config: RunConfig) -> None:

@@ -14,7 +14,13 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 from typing_extensions import Self
 
-from launchers.config.backends import HFModelConfig, HFTinyModelConfig, ToyBackendConfig, TrlBackendConfig, backend_for_model
+from launchers.config.backends import (
+    HFModelConfig,
+    HFTinyModelConfig,
+    ToyBackendConfig,
+    TrlBackendConfig,
+    backend_for_model,
+)
 from rl_loss.config import DivisorBelowMaxLength, LossConfig
 
 _SECTION = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
@@ -176,8 +182,9 @@ class RunConfig(BaseModel):
     parallel: ParallelConfig = ParallelConfig()
     """Data and context parallelism."""
 
-    seed: int = Field(0, ge=0)
-    """Seed of every random stream (prompts, sampling, initialisation)."""
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    """Seed of every random stream (prompts, sampling, initialisation); at most 2^32 - 1, the range of
+    numpy's seed, which ``transformers.set_seed`` (backend=trl) passes it to."""
 
     device: Literal["auto", "cpu", "cuda"] = "cpu"
     """Where the model runs; auto picks CUDA when available."""

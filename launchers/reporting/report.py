@@ -31,8 +31,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from launchers.runs.run_records import SeedGroup, find_runs, group_seeds
 from launchers.reporting.seed_stats import LEVEL, Interval, mean_interval, welch_interval
+from launchers.runs.run_records import SeedGroup, find_runs, group_seeds
 
 SMOOTH = 5
 DEFAULT_METRICS = ("reward_mean", "response_length_mean")
@@ -209,9 +209,31 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _output_problem(out: Path, name: str) -> str | None:
+    """One line when ``--out`` (or ``--name``) cannot hold the report, else None."""
+    if "/" in name or name in ("", ".", ".."):
+        return f"--name: a file name stem without '/' is needed (got {name!r}); e.g. --name report"
+    for folder in (out, *out.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                what = "is a file" if folder == out else f"lies under the file {folder}"
+                return f"--out: {out} {what}, not a folder; give a folder with --out"
+            break
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Write NAME.png and NAME.md, print the tables; one line per input problem on stderr."""
+    """Write NAME.png and NAME.md, print the tables; one line per input problem on stderr, never a traceback."""
     args = _parser().parse_args(argv)
+    try:
+        return _report(args)
+    except (OSError, RecursionError, MemoryError) as err:  # e.g. a folder that cannot be listed
+        print(f"report: stopped: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}", file=sys.stderr)
+        return 2
+
+
+def _report(args: argparse.Namespace) -> int:
+    """The body of :func:`main`."""
     if args.smooth < 1:
         print(f"--smooth: must be a whole number of steps >= 1 (got {args.smooth})", file=sys.stderr)
         return 2
@@ -236,13 +258,21 @@ def main(argv: list[str] | None = None) -> int:
               f"{' '.join(map(str, args.folders))}; run a sweep first (python -m launchers.train -m ...)", file=sys.stderr)
         return 2
     out = args.out or runs[0].source
-    out.mkdir(parents=True, exist_ok=True)
+    if problem := _output_problem(out, args.name):
+        print(problem, file=sys.stderr)
+        return 2
     text = markdown_table(groups, metrics)
     if len(groups) > 1:
         text += "\n" + difference_table(groups, baseline)
     text += "\n" + notes(groups, shared, args.smooth)
-    (out / f"{args.name}.md").write_text(text)
-    plot(groups, [*DEFAULT_METRICS, *metrics], out / f"{args.name}.png", args.smooth)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{args.name}.md").write_text(text)
+        plot(groups, [*DEFAULT_METRICS, *metrics], out / f"{args.name}.png", args.smooth)
+    except OSError as err:
+        print(f"--out: cannot write the report into {out} ({err.strerror}); give a writable folder with --out",
+              file=sys.stderr)
+        return 2
     print(text)
     print(f"wrote {out / f'{args.name}.png'} and {out / f'{args.name}.md'}")
     return 0

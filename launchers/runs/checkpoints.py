@@ -20,8 +20,8 @@ the Trainer itself loads (with ``weights_only=True`` too) once resume has picked
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
+import math
 import pickle
 import re
 import sys
@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from launchers.runs.run_io import CHECKPOINT_DIR, atomic_write, save_atomic
+from launchers.runs.safe_read import is_regular_file, read_json, read_text
 
 log = logging.getLogger("launchers.train")
 
@@ -85,10 +86,12 @@ def verify_checksum(path: Path) -> str | None:
     if not target.exists():
         return f"no checksum file {target.name} (the run ended before it was written)"
     try:
-        expected = dict(reversed(line.split("  ", 1)) for line in target.read_text().splitlines() if line)
-    except (OSError, ValueError, UnicodeDecodeError):
+        expected = dict(reversed(line.split("  ", 1)) for line in read_text(target).splitlines() if line)
+    except ValueError:  # UnsafeInput too
         return f"checksum file {target.name} is damaged"
     actual = dict((name, member) for name, member in _members(path))
+    if not_regular := [name for name, member in actual.items() if not is_regular_file(member)]:
+        return f"{not_regular[0]} is not a regular file"
     if set(expected) != set(actual):
         return f"its files differ from those listed in {target.name}"
     for name, member in actual.items():
@@ -111,6 +114,8 @@ def load_checkpoint(path: Path, map_location: Any = "cpu", *, verify: bool = Tru
     Raises:
         UnusableCheckpoint: a one-line reason (no checksum, mismatch, truncated, code inside, not a dict).
     """
+    if not is_regular_file(path):
+        raise UnusableCheckpoint("not a regular file")
     if verify and (problem := verify_checksum(path)):
         raise UnusableCheckpoint(problem)
     try:
@@ -122,17 +127,41 @@ def load_checkpoint(path: Path, map_location: Any = "cpu", *, verify: bool = Tru
         raise UnusableCheckpoint(f"unreadable ({first.split('. ')[0]})") from None
     if not isinstance(state, dict):
         raise UnusableCheckpoint(f"holds a {type(state).__name__}, not a checkpoint's dict")
+    if bad := first_non_finite(state):
+        raise UnusableCheckpoint(f"holds non-finite values (NaN or Inf) in {bad}")
     return state
 
 
+def first_non_finite(state: Any, where: str = "") -> str | None:
+    """The key path of the first floating-point tensor or float in ``state`` holding NaN or Inf, else None."""
+    if isinstance(state, torch.Tensor):
+        return None if not state.is_floating_point() or bool(torch.isfinite(state).all()) else (where or "the state")
+    if isinstance(state, float):
+        return None if math.isfinite(state) else (where or "the state")
+    if isinstance(state, dict):
+        items = state.items()
+    elif isinstance(state, (list, tuple)):
+        items = enumerate(state)
+    else:
+        return None
+    for key, value in items:
+        if found := first_non_finite(value, f"{where}.{key}" if where else str(key)):
+            return found
+    return None
+
+
 def _unpickling_reason(err: Exception) -> str:
+    """One line for torch's weights-only refusal. torch 2.13 names a blocked callable as ``unsupported GLOBAL
+    posix.system whose module posix is blocked`` (older releases: ``Unsupported global: GLOBAL io.open``);
+    other refusals (``Unsupported operand 149``: a plain pickle) follow ``WeightsUnpickler error:``."""
     text = str(err)
-    code = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    code = re.search(r"(?i)unsupported global:? (?:GLOBAL )?([\w.]+)", text)
     if code:
-        return (f"refused: loading it would call {code.group(1)}, which no checkpoint of this launcher holds "
-                "(a file crafted to run code?); it was not loaded")
-    detail = re.search(r"WeightsUnpickler error: ([^\n]+)", text)
-    return f"unreadable ({detail.group(1).strip() if detail else 'not a torch checkpoint'})"
+        return (f"refused: loading it would call {code.group(1).rstrip('.')}, which no checkpoint of this launcher "
+                "holds (a file crafted to run code?); torch's weights-only loader blocked it, nothing in it was run")
+    detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+    reason = detail.group(1).strip() if detail else "not a torch checkpoint"
+    return f"refused by torch's weights-only loader ({reason}): not a checkpoint of this launcher; nothing in it was run"
 
 
 def checkpoint_files(run_dir: Path) -> list[tuple[int, Path]]:
@@ -160,8 +189,8 @@ def load_checkpoint_folder(path: Path, map_location: Any = None, *, verify: bool
     if verify and (problem := verify_checksum(path)):
         raise UnusableCheckpoint(problem)
     try:
-        step = json.loads((path / TRAINER_STATE).read_text())["global_step"]
-    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError):
+        step = read_json(path / TRAINER_STATE)["global_step"]
+    except (ValueError, KeyError, TypeError):  # UnsafeInput too
         raise UnusableCheckpoint(f"no readable {TRAINER_STATE} with a global_step") from None
     expected = int(_FOLDER_RE.match(path.name).group(1))
     if step != expected:

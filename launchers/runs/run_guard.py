@@ -11,13 +11,20 @@ guarded without any change here.
 
 A launch without ``resume=true`` into a folder that already holds a run is refused too (it would
 overwrite the run's metrics), except for a requeued scheduler job (SLURM or submitit): the same job
-id that started the run resumes it by itself.
+id that started the run resumes it by itself. A resume into a folder whose ``metrics.jsonl`` holds steps
+but that has no checkpoint (``checkpoints/`` deleted, or replaced by a file) is refused as well: it
+would start again from step 0 over the run's metrics.
+
+:func:`claimed_run` takes the lock and decides before anything is written into the run folder (the
+launcher calls it before Hydra's record is moved in); :func:`open_run` then reuses that decision.
+See ``docs/run-safety.md`` and ``docs/run-safety-guarantees.md``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -28,10 +35,10 @@ from typing import Any
 
 import torch
 
-from launchers.runs.checkpoints import has_checkpoints
 from launchers.config.run_config import RunConfig
+from launchers.runs.checkpoints import has_checkpoints
 from launchers.runs.recipe import changes, config_tree, run_invariant
-from launchers.runs.run_io import atomic_write
+from launchers.runs.run_io import CHECKPOINT_DIR, atomic_write
 from launchers.runs.run_lock import (
     LOCK_NAME,
     RunFolderBusy,
@@ -42,6 +49,7 @@ from launchers.runs.run_lock import (
     stale_reason,
     this_process,
 )
+from launchers.runs.safe_read import UnsafeInput, read_json
 
 log = logging.getLogger("launchers.train")
 
@@ -62,22 +70,46 @@ def _holds_run(run_dir: Path) -> str | None:
         return RUN_CONFIG
     if has_checkpoints(run_dir):
         return "checkpoints"
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.exists() and metrics.stat().st_size:
+    if _has_metrics(run_dir):
         return "metrics.jsonl"
     return None
 
 
+def _has_metrics(run_dir: Path) -> bool:
+    """Whether ``metrics.jsonl`` holds anything (a folder or other non-file there counts as holding)."""
+    metrics = run_dir / "metrics.jsonl"
+    try:
+        return metrics.is_symlink() or (metrics.exists() and (not metrics.is_file() or metrics.stat().st_size > 0))
+    except OSError:
+        return True
+
+
+def _no_checkpoint_refusal(run_dir: Path) -> Refused:
+    folder = run_dir / CHECKPOINT_DIR
+    what = "is missing" if not folder.exists() and not folder.is_symlink() else \
+        "is not a folder" if not folder.is_dir() else "holds no checkpoint"
+    return Refused([f"resume: {run_dir} holds a run (metrics.jsonl has steps) but {folder} {what}, so resuming "
+                    "would start again from step 0 over its metrics; restore its checkpoints, or start the run "
+                    "again in another folder (hydra.run.dir=...)"])
+
+
 def read_run_config(run_dir: Path) -> dict[str, Any] | None:
-    """The content of ``run_config.json``; None when absent. Raises Refused when damaged."""
+    """The content of ``run_config.json``; None when absent. Raises Refused when damaged.
+
+    A ``history`` that is not a list of records is dropped (with a warning): it is a log, not the recipe.
+    """
     path = run_dir / RUN_CONFIG
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         return None
     try:
-        data = json.loads(path.read_text())
+        data = read_json(path)
         if isinstance(data, dict) and isinstance(data.get("config"), dict):
+            history = data.get("history", [])
+            if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
+                log.warning("%s: its history is damaged (not a list of records); it starts again", path)
+                data["history"] = []
             return data
-    except (OSError, ValueError):
+    except UnsafeInput:
         pass
     raise Refused([f"resume: {path} is damaged, so the recipe of the run cannot be checked; restore it, or "
                    "resume with allow_recipe_change=true to replace it with this launch's configuration"])
@@ -120,6 +152,8 @@ def decide(config: RunConfig, run_dir: Path) -> Verdict:
             raise Refused([f"run folder {run_dir} already holds a run ({evidence}); continue it with resume=true, or "
                            "start this run in another folder (hydra.run.dir=...)"])
         return Verdict(False, {"config": new, "job_id": job, "history": [{"time": now, "event": "start"}]}, notes)
+    if _has_metrics(run_dir) and not has_checkpoints(run_dir):
+        raise _no_checkpoint_refusal(run_dir)
     if stored is None:
         if _holds_run(run_dir):
             notes.append((logging.WARNING, f"resume: {run_dir} has no {RUN_CONFIG} (written by an older launcher): "
@@ -170,6 +204,48 @@ class OpenRun:
             write_run_config(self.run_dir, self._content)
 
 
+_CLAIMED: dict[Path, tuple[RunLock, Verdict]] = {}
+"""Run folders this process has locked and decided on before its backend starts (see :func:`claimed_run`)."""
+
+
+@contextmanager
+def claimed_run(config: RunConfig, run_dir: str | Path) -> Iterator[Verdict]:
+    """Lock ``run_dir`` and decide this launch against it, before anything is written into it.
+
+    The launcher's main process calls it before it moves Hydra's record (``.hydra/``) into the run
+    folder; :func:`open_run` for the same folder in this process then reuses the lock and the verdict.
+    Only the folder itself is created (so that the lock can be), and only when it does not exist.
+
+    Raises:
+        SystemExit: code 2 after one or more lines on stderr when the folder is busy or the launch refused
+            (nothing in the folder was changed).
+    """
+    run_dir = Path(run_dir)
+    lock = RunLock(run_dir)
+    if problem := folder_problem(run_dir):
+        print(problem, file=sys.stderr)
+        raise SystemExit(EXIT_REFUSED)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+        verdict = decide(config, run_dir)
+    except (RunFolderBusy, Refused) as err:
+        lock.release()
+        for line in err.lines if isinstance(err, Refused) else [str(err)]:
+            print(line, file=sys.stderr)
+        raise SystemExit(EXIT_REFUSED) from None
+    except BaseException:
+        lock.release()
+        raise
+    key = run_dir.resolve()
+    _CLAIMED[key] = (lock, verdict)
+    try:
+        yield verdict
+    finally:
+        _CLAIMED.pop(key, None)
+        lock.release()
+
+
 @contextmanager
 def open_run(
     config: RunConfig,
@@ -189,9 +265,14 @@ def open_run(
         SystemExit: code 2 after one or more lines on stderr when the folder is busy or the launch refused.
     """
     run_dir = Path(run_dir)
-    lock = RunLock(run_dir) if is_main else None
+    claimed = _CLAIMED.get(run_dir.resolve()) if is_main else None
+    lock = RunLock(run_dir) if is_main and claimed is None else None
     lines: list[str] = []
     resume, content = config.resume, {}
+    if claimed is not None:  # locked and decided by claimed_run, which also releases the lock
+        resume, content = claimed[1].resume, claimed[1].content
+        for level, note in claimed[1].notes:
+            log.log(level, note)
     if lock is not None:
         try:
             lock.acquire()
@@ -219,6 +300,26 @@ def open_run(
             lock.release()
 
 
+def folder_problem(run_dir: str | Path) -> str | None:
+    """One line when ``run_dir`` cannot be a run folder (a file, under a file, not writable), else None. Reads only."""
+    run_dir = Path(run_dir)
+    for folder in (run_dir, *run_dir.absolute().parents):
+        try:
+            exists = folder.exists()
+        except OSError as err:
+            return f"hydra.run.dir: {run_dir} cannot be used as a run folder ({err.strerror}); choose another hydra.run.dir"
+        if not exists:
+            continue
+        if not folder.is_dir():
+            where = "is a file" if folder == run_dir else f"lies under {folder}, which is a file"
+            return f"hydra.run.dir: {run_dir} {where}, not a folder; choose another hydra.run.dir"
+        if not os.access(folder, os.W_OK | os.X_OK):
+            where = "is" if folder == run_dir else f"would be created in {folder}, which is"
+            return f"hydra.run.dir: {run_dir} {where} not writable by this user; choose another hydra.run.dir"
+        return None
+    return None
+
+
 def precheck(config: RunConfig, run_dir: str | Path, quiet: bool = False) -> None:
     """Refuse a launch before Hydra writes into the run folder (its ``.hydra/`` and log): reads only.
 
@@ -229,6 +330,9 @@ def precheck(config: RunConfig, run_dir: str | Path, quiet: bool = False) -> Non
         SystemExit: code 2 after one or more lines on stderr (none when ``quiet``: torchrun's other ranks).
     """
     run_dir = Path(run_dir)
+    if problem := folder_problem(run_dir):
+        print("" if quiet else problem, file=sys.stderr, end="" if quiet else "\n")
+        raise SystemExit(EXIT_REFUSED)
     if not run_dir.is_dir():
         return
     try:

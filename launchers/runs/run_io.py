@@ -17,6 +17,8 @@ from typing import IO, Any
 
 import torch
 
+from launchers.runs.safe_read import parse_json, read_jsonl_lines
+
 log = logging.getLogger("launchers.train")
 
 CHECKPOINT_DIR = "checkpoints"
@@ -79,14 +81,16 @@ def metrics_up_to(path: Path, step: int) -> list[str]:
     a crash in the middle of a write leaves. A gap before ``step`` (damage, not a crash: each record
     is written before its step's checkpoint) is reported too.
     """
-    lines = path.read_text(errors="replace").splitlines()
+    lines = read_jsonl_lines(path)  # raises UnsafeInput (one line) for a folder, FIFO or oversized file
     kept, last = [], 0
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
-            record_step = int(record["step"])
+            record = parse_json(line)  # finite numbers only: {"step": Infinity} is a damaged line
+            record_step = record["step"]
+            if not isinstance(record_step, int) or isinstance(record_step, bool):
+                raise TypeError("step is not an integer")
         except (ValueError, KeyError, TypeError):
             where = "torn last line (the run stopped mid-write)" if number == len(lines) else f"damaged line {number}"
             log.warning("%s: dropping its %s: %.60s", path, where, line)
@@ -108,7 +112,8 @@ class MetricsWriter:
         if resume_after_step is not None and self.path.exists():
             # Drop steps logged after the checkpoint: the resumed run writes them again, identically.
             kept = metrics_up_to(self.path, resume_after_step)
-            self.path.write_text("".join(line + "\n" for line in kept))
+            with atomic_write(self.path) as f:  # a full disk leaves the old file whole
+                f.write("".join(line + "\n" for line in kept))
         elif resume_after_step is None and self.path.exists():
             self.path.unlink()
         self._file = self.path.open("a")

@@ -19,9 +19,12 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 
+from launchers.runs.safe_read import read_json
+
 log = logging.getLogger("launchers.train")
 
 LOCK_NAME = "run.lock"
+LOCK_CAP = 64 << 10
 
 
 class RunFolderBusy(Exception):
@@ -73,9 +76,9 @@ def this_process() -> Owner:
 def read_owner(path: Path) -> Owner | None:
     """The owner named in a lock file; None when it is missing, empty or damaged."""
     try:
-        data = json.loads(path.read_text())
+        data = read_json(path, cap=LOCK_CAP)
         return Owner(**{k: data.get(k) for k in Owner.__dataclass_fields__})
-    except (OSError, ValueError, TypeError):
+    except (ValueError, TypeError, AttributeError):  # UnsafeInput is a ValueError
         return None
 
 

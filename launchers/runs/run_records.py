@@ -1,49 +1,70 @@
 """Run folders as the report sees them: their step records, their config, and the seeds of one config.
 
-Every problem with an input (a missing folder, a run without metrics, a line that is not JSON) is
-returned as one line of text naming the file and what was done about it; the caller prints it and goes
-on with the rest. Nothing here raises for a damaged file.
+Every problem with an input (a missing folder, a run without metrics, a line that is not JSON, a
+reward that is not a finite number, a FIFO or an oversized file) is returned as one line of text naming
+the file and what was done about it; the caller prints it and goes on with the rest. Nothing here raises
+for a damaged file. Files are read by :mod:`launchers.runs.safe_read` (bounded, regular files only);
+``.hydra/config.yaml`` is read as plain YAML: nothing in it runs and no ``${...}`` is resolved.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
+from launchers.runs.safe_read import UnsafeInput, parse_json, read_jsonl_lines, read_yaml
 
 METRICS_FILE = "metrics.jsonl"
 # Run-level switches that do not change what is trained: runs that differ only in these (and the
 # seed) are seeds of one config.
 NOT_RECIPE = ("seed", "progress", "resume", "dry_run")
+# Step-record fields the report computes with: present means a finite number.
+NUMERIC_FIELDS = ("reward_mean", "response_length_mean")
+
+
+def is_number(value: object) -> bool:
+    """A finite int or float (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def read_metrics(path: Path) -> tuple[list[dict], list[str]]:
     """The step records of a ``metrics.jsonl``, one per step (the last line of a step wins), by step.
 
     Returns:
-        the records and one problem line per skipped line (not JSON, e.g. torn by a crash mid-write;
-        not an object; no integer ``step``).
+        the records and one problem line per skipped line (not JSON, e.g. torn by a crash mid-write, or
+        holding NaN/Infinity; not an object; no integer ``step``; a :data:`NUMERIC_FIELDS` value that is
+        not a finite number).
     """
     by_step: dict[int, dict] = {}
     problems = []
     try:
-        text = Path(path).read_text(errors="replace")
-    except OSError as err:
-        return [], [f"{path}: cannot be read ({err.strerror}); skipped"]
-    for number, line in enumerate(text.splitlines(), start=1):
+        lines = read_jsonl_lines(Path(path))
+    except UnsafeInput as err:
+        return [], [f"{err}; skipped"]
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            problems.append(f"{path} line {number}: not JSON (a torn or partial write?); line skipped")
+            record = parse_json(line)
+        except UnsafeInput as err:
+            reason = str(err).split(": ", 1)[1]
+            if "not a finite number" in reason:  # NaN, Infinity, 1e999: written by no launcher
+                reason = reason.removeprefix("not valid JSON (").removesuffix(")")
+            elif not reason.startswith("nested"):
+                reason = "not JSON (a torn or partial write?)"
+            problems.append(f"{path} line {number}: {reason}; line skipped")
             continue
-        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int) or isinstance(record["step"], bool):
             problems.append(f"{path} line {number}: not a step record (no integer 'step'); line skipped")
+            continue
+        bad = [k for k in NUMERIC_FIELDS if k in record and not is_number(record[k])]
+        if bad:
+            problems.append(f"{path} line {number}: {bad[0]} is {record[bad[0]]!r:.40}, not a finite number; "
+                            "line skipped")
             continue
         by_step[record["step"]] = record
     return [by_step[s] for s in sorted(by_step)], problems
@@ -77,12 +98,13 @@ class Run:
 
 
 def _read_hydra(run: Run, problems: list[str]) -> None:
+    """Read ``.hydra/config.yaml`` and ``overrides.yaml`` as plain YAML (no code runs, no ``${...}`` resolves)."""
     hydra_dir = run.folder / ".hydra"
     try:
-        config = yaml.safe_load((hydra_dir / "config.yaml").read_text()) if (hydra_dir / "config.yaml").exists() else None
-        overrides = yaml.safe_load((hydra_dir / "overrides.yaml").read_text()) if (hydra_dir / "overrides.yaml").exists() else []
-    except (OSError, yaml.YAMLError) as err:
-        problems.append(f"{hydra_dir}: unreadable ({type(err).__name__}); the run is reported on its own, not with its seeds")
+        config = read_yaml(hydra_dir / "config.yaml") if (hydra_dir / "config.yaml").exists() else None
+        overrides = read_yaml(hydra_dir / "overrides.yaml") if (hydra_dir / "overrides.yaml").exists() else []
+    except UnsafeInput as err:
+        problems.append(f"{err}; the run is reported on its own, not with its seeds")
         return
     if isinstance(config, dict):
         run.seed = config.get("seed") if isinstance(config.get("seed"), int) else None
@@ -151,7 +173,7 @@ class SeedGroup:
         columns = []
         for run in self.runs:
             by_step = {r["step"]: r for r in run.records}
-            if all(key in by_step[s] for s in self.steps):
+            if all(is_number(by_step[s].get(key)) for s in self.steps):
                 columns.append([float(by_step[s][key]) for s in self.steps])
         return columns
 

@@ -15,10 +15,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-import yaml
-
 from launchers.runs.run_io import format_duration
 from launchers.runs.run_records import METRICS_FILE, read_metrics
+from launchers.runs.safe_read import UnsafeInput, read_yaml
 
 log = logging.getLogger("launchers.train")
 
@@ -60,13 +59,28 @@ def hydra_path_override(key: str, path: str) -> str:
     return f"{key}='{path}'"
 
 
+def launch_dir() -> Path:
+    """The folder the run was launched from: Hydra's original working directory (``hydra.job.chdir=true``
+    moves the process into the run folder), else the working directory."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return Path(HydraConfig.get().runtime.cwd)
+    except (ImportError, ValueError, AttributeError):  # not inside a Hydra job
+        return Path.cwd()
+
+
 def _shown(path: Path) -> str:
-    """A path relative to the working directory when it lies below it, else absolute."""
+    """A path relative to the launch folder when it lies strictly below it, else absolute.
+
+    Never ``.``: a command run from the launch folder must name the run folder itself.
+    """
     path = Path(path).absolute()
     try:
-        return str(path.relative_to(Path.cwd()))
+        relative = path.relative_to(launch_dir())
     except ValueError:
         return str(path)
+    return str(relative) if relative.parts else str(path)
 
 
 def shell_quote(arg: str) -> str:
@@ -79,8 +93,8 @@ def shell_quote(arg: str) -> str:
 
 def _job_overrides(run_dir: Path) -> list[str]:
     try:
-        overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())
-    except (OSError, yaml.YAMLError):
+        overrides = read_yaml(run_dir / ".hydra" / "overrides.yaml")
+    except UnsafeInput:
         return []
     return [str(o) for o in overrides] if isinstance(overrides, list) else []
 

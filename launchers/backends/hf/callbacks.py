@@ -12,6 +12,7 @@ checkpoint and the end of training, on every process after the same step.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import torch
 from transformers import TrainerCallback
 
 from launchers.runs.checkpoints import Agree, prune_checksums, write_checksum
+from launchers.runs.failures import RunStopped
 from launchers.runs.preemption import StopRequest
 from launchers.runs.run_io import MetricsWriter, Progress
 
@@ -161,6 +163,26 @@ class ChecksumCallback(TrainerCallback):
         if args.should_save:
             write_checksum(Path(args.output_dir) / f"checkpoint-{state.global_step}")
             prune_checksums(Path(args.output_dir).parent)
+
+
+class FiniteGradientCallback(TrainerCallback):
+    """Stop the run before the optimizer applies a gradient holding NaN or Inf (one line, exit 1).
+
+    ``on_pre_optimizer_step`` comes after the gradients are synchronised across processes (DDP) and
+    clipped, so every process sees the same norm and stops at the same step; the checkpoints written
+    so far are left as they are.
+    """
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        grads = [p.grad.detach() for p in model.parameters() if p.grad is not None] if model is not None else []
+        if not grads:
+            return
+        norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+        if not math.isfinite(norm):
+            raise RunStopped(
+                f"run stopped at step {state.global_step + 1}: the gradient norm is {norm} (NaN or Inf in the gradient); "
+                "it was not applied, and the checkpoints written before are intact. Check the rewards and the loss "
+                "settings, or lower optim.lr (resuming with it needs allow_recipe_change=true)")
 
 
 class StopCallback(TrainerCallback):

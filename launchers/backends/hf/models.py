@@ -12,9 +12,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from launchers.config.backends import HFModelConfig, HFTinyModelConfig
 from launchers.backends.hf.task import DIGITS, PromptFn, chat_prompt, instruction
 from launchers.backends.toy.task import BOS_ID, EOS_ID, PAD_ID, SEP_ID, DigitSumTask
+from launchers.config.backends import HFModelConfig, HFTinyModelConfig
 
 UNK_ID = PAD_ID + 1
 TINY_SPECIAL = {EOS_ID: "<eos>", BOS_ID: "<bos>", SEP_ID: "<sep>", PAD_ID: "<pad>", UNK_ID: "<unk>"}

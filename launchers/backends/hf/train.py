@@ -26,19 +26,26 @@ from typing import Any
 
 import torch
 
-from launchers.config.backends import import_entry
-from launchers.runs.checkpoints import TRAINER_FOLDERS, Agree, resume_newest
-from launchers.config.run_config import RunConfig
-from launchers.backends.hf.callbacks import ChecksumCallback, MetricsCallback, SaveAtEndCallback, StopCallback, all_processes_sum
+from launchers.backends.hf.callbacks import (
+    ChecksumCallback,
+    FiniteGradientCallback,
+    MetricsCallback,
+    SaveAtEndCallback,
+    StopCallback,
+    all_processes_sum,
+)
 from launchers.backends.hf.grpo_args import CHECKPOINT_SUBDIR, grpo_config_kwargs, trl_loss_config
 from launchers.backends.hf.models import LoadedPolicy, ModelLoadError
 from launchers.backends.hf.task import DigitSumReward, prompt_dataset
-from launchers.runs.preemption import StopRequest
-from launchers.config.preflight import EXIT_CONFIG_ERROR, world_size_from_env
-from launchers.runs.run_guard import open_run
-from launchers.runs.summary import log_run_summary
 from launchers.backends.toy.task import DigitSumTask
 from launchers.backends.toy.trainer import resolve_device
+from launchers.config.backends import import_entry
+from launchers.config.preflight import EXIT_CONFIG_ERROR, world_size_from_env
+from launchers.config.run_config import RunConfig
+from launchers.runs.checkpoints import TRAINER_FOLDERS, Agree, resume_newest
+from launchers.runs.preemption import StopRequest
+from launchers.runs.run_guard import open_run
+from launchers.runs.summary import log_run_summary
 
 log = logging.getLogger("launchers.train")
 
@@ -159,7 +166,7 @@ def _trainer(config: RunConfig, args: Any, metrics: MetricsCallback) -> Any:
         args=args,
         train_dataset=dataset,
         processing_class=policy.tokenizer,
-        callbacks=[metrics, SaveAtEndCallback(), ChecksumCallback()],
+        callbacks=[metrics, SaveAtEndCallback(), ChecksumCallback(), FiniteGradientCallback()],
         loss_config=trl_loss_config(config),
     )
     for printer in (PrinterCallback, ProgressCallback):  # the launcher's own progress display replaces them

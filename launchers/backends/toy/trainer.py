@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import sys
 import time
 from dataclasses import dataclass, fields
@@ -20,15 +21,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from launchers.backends.toy import distributed
-from launchers.runs.checkpoints import prune_checkpoints, resume_newest, save_checkpoint
+from launchers.backends.toy import DigitSumTask, ToyPolicy, all_gather_kv, distributed, generate, local_logprobs
+from launchers.backends.toy.model import ModelConfig as ToyModelConfig
 from launchers.config.run_config import RunConfig
+from launchers.runs.checkpoints import prune_checkpoints, resume_newest, save_checkpoint
+from launchers.runs.failures import RunStopped
 from launchers.runs.preemption import StopRequest
 from launchers.runs.run_guard import open_run
 from launchers.runs.run_io import MetricsWriter, Progress, checkpoint_path, rng_state, set_rng_state
 from launchers.runs.summary import log_run_summary
-from launchers.backends.toy import DigitSumTask, ToyPolicy, all_gather_kv, generate, local_logprobs
-from launchers.backends.toy.model import ModelConfig as ToyModelConfig
 from rl_loss import ReducerFactory, StepBatch, group_advantages, policy_loss
 
 log = logging.getLogger("launchers.train")
@@ -234,15 +235,33 @@ class Trainer:
             offset += n
 
     def _clip_and_step(self) -> float:
+        """Clip and apply the step's gradient; a non-finite gradient norm stops the run before it is applied.
+
+        The norm is taken after the all-reduce, so every rank sees the same value and stops together.
+
+        Raises:
+            RunStopped: the gradient holds NaN or Inf (one line; the checkpoints written so far are intact).
+        """
         params = [p for p in self.policy.parameters() if p.grad is not None]
         max_norm = self.config.optim.grad_clip if self.config.optim.grad_clip is not None else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        if not math.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise RunStopped(
+                f"run stopped at step {self.step + 1}: the gradient norm is {grad_norm} (NaN or Inf in the gradient); "
+                f"it was not applied; {self._kept()}. Check the rewards and the loss settings, or lower optim.lr "
+                "(resuming with it needs allow_recipe_change=true)")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return grad_norm
 
     # -- checkpoints ------------------------------------------------------------------------
+
+    def _kept(self) -> str:
+        """What a stop leaves: the last checkpoint, for the one line a stop prints."""
+        return f"the checkpoints up to step {self._saved_step} are intact" if self._saved_step > 0 else \
+            "no checkpoint had been written yet"
 
     def _save(self) -> Path:
         path = checkpoint_path(self.run_dir, self.step)
