@@ -1,4 +1,4 @@
-"""The per-token surrogate objectives of the policy loss (SPEC §5, §5b): PPO clip, CISPO, SAPO, and the
+"""The per-token surrogate objectives of the policy loss (docs/objectives.md): PPO clip, CISPO, SAPO, and the
 sequence-level ratio of GSPO.
 
 Each surrogate maps one rank's local per-token inputs to ``(loss, clipped, ratio)``: the per-token loss

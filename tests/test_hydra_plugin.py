@@ -1,4 +1,4 @@
-"""The Hydra plugin puts the loss presets on every Hydra app's search path (SPEC §10), without torch.
+"""The Hydra plugin puts the loss presets on every Hydra app's search path (docs/integrations/hydra.md), without torch.
 
 These tests use the development install; ``tests/test_wheel.py`` repeats the user's path from a built
 wheel in a fresh virtual environment.

@@ -1,4 +1,4 @@
-"""``rl-loss-validate``: exit 0 on valid loss configurations, 2 with one line per problem, never a traceback (SPEC §10)."""
+"""``rl-loss-validate``: exit 0 on valid loss configurations, 2 with one line per problem, never a traceback (docs/integrations/validate.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A user's path (SPEC §10): build the wheel, install it into a fresh venv, use the presets from a new Hydra app.
+"""A user's path (docs/integrations/hydra.md): build the wheel, install it into a fresh venv, use the presets from a new Hydra app.
 
 The fresh virtual environment gets rl-loss only from the wheel (``pip install --no-deps``); its
 dependencies (torch, hydra-core, pydantic, ...) are the test environment's, reached through a plain
