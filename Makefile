@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -c
 
-.PHONY: install train test test-verl lint bench schema sweep docs-sweep clean
+.PHONY: install train test test-verl lint bench schema sweep docs-sweep docs clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -83,11 +83,15 @@ sweep: $(STAMP)
 		hydra.sweep.dir=$(SWEEP_DIR) $(ARGS)
 	$(PY) -m launchers.report $(SWEEP_DIR) $(REPORT_ARGS)
 
-# README's figure and table: the sweep above into a fixed folder, reported into docs/sweep.{png,md}.
+# The sweep page's figure and table (docs/report.md): the sweep above into a fixed folder, reported into docs/sweep.{png,md}.
 docs-sweep: $(STAMP)
 	rm -rf multirun/docs-sweep
 	$(MAKE) sweep SWEEP_DIR=multirun/docs-sweep REPORT_ARGS="--out docs --name sweep --metrics grad_norm,entropy"
 
+# The documentation site (mkdocs.yml, docs/) into site/; warnings are errors.
+docs: $(STAMP)
+	$(PY) -m mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) outputs multirun .pytest_cache .hypothesis
+	rm -rf site $(VENV) outputs multirun .pytest_cache .hypothesis
 	rm -rf $(VERL_VENV)

@@ -1,6 +1,6 @@
 """Synthetic steps for the benchmarks, and the per-sample Python-loop reducer they are compared with.
 
-Everything here is re-derived from SPEC §2 and §4 without the library's vectorized code paths (CP
+Everything here is re-derived from docs/aggregation.md and docs/cp-layout.md without the library's vectorized code paths (CP
 pieces come from the public ``local_response_ranges``, one sample at a time; the per-sample scales
 c_i from the table of §2), so a benchmark run also cross-checks the library's result.
 """
@@ -83,7 +83,7 @@ def make_workload(tokens: int, num_samples: int, *, group_size: int = 8, seed: i
 
 
 def sample_scales(work: Workload, aggregation: str) -> Tensor:
-    """c_i of SPEC §2 (float64), computed per sample from the masks, independently of the library."""
+    """c_i of docs/aggregation.md (float64), computed per sample from the masks, independently of the library."""
     n = work.num_samples
     counts = torch.stack([m.sum() for m in work.mask_list]).to(torch.float64)
     if aggregation == "sample_mean":
@@ -103,7 +103,7 @@ def sample_scales(work: Workload, aggregation: str) -> Tensor:
 
 @dataclass
 class LocalLayout:
-    """What CP rank ``cp_rank`` of ``cp_size`` holds of every sample (SPEC §4, thd)."""
+    """What CP rank ``cp_rank`` of ``cp_size`` holds of every sample (docs/cp-layout.md, thd)."""
 
     lengths: list[int]  # local values per sample (its pieces concatenated)
     index: Tensor  # flat positions in the step's token order, in local order

@@ -226,7 +226,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] | None = None) -> d
                     if reducer.num_local_tokens != layout.tokens:
                         raise RuntimeError(
                             f"{mode} N={num_samples} cp={cp}: the reducer expects {reducer.num_local_tokens} local "
-                            f"values; the SPEC §4 layout gives {layout.tokens}"
+                            f"values; the layout of docs/cp-layout.md gives {layout.tokens}"
                         )
                     loop = LoopReducer(layout, scales)
                     agree, rel = _agree(reducer, loop, x)

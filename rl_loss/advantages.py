@@ -1,4 +1,4 @@
-"""Group-relative advantages (SPEC §5), computed from the whole rollout's rewards.
+"""Group-relative advantages (docs/objectives.md), computed from the whole rollout's rewards.
 
 Statistics are taken over every sample of a prompt group, whatever micro-batch, DP rank or CP rank
 later holds each sample: callers pass the rewards of the full rollout, never a slice of it.

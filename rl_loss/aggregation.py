@@ -4,7 +4,7 @@ Every mode is a per-token weight ``w[i, t] = m[i, t] * c_i`` with ``c_i`` depend
 counts, so the step objective is ``J = sum_{i,t} w[i, t] * l[i, t]``. The weights are built once per
 step from metadata (:meth:`ReducerFactory.step_weights`); a micro-batch / DP rank / CP rank then reduces
 its local values with one dot product against its slice of them. Summing the partials over any
-partition of the step gives J exactly, with no collective inside the reducer (SPEC §2-§3). The
+partition of the step gives J exactly, with no collective inside the reducer (docs/aggregation.md, docs/exactness.md). The
 reducer and the slicing of a rank's weights live in :mod:`rl_loss.reducer` (``TokenReducer`` is
 importable from here too).
 """

@@ -76,7 +76,7 @@ def _finite_positive(value: float | None) -> bool:
 
 
 class LossConfig(BaseModel):
-    """How the policy loss of a step is computed and aggregated (SPEC §2, §5, §5b, §6)."""
+    """How the policy loss of a step is computed and aggregated (docs/aggregation.md, docs/objectives.md, docs/configuration.md)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True, populate_by_name=True)
 

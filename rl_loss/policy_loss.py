@@ -1,4 +1,4 @@
-"""The policy loss of a micro-batch (surrogate, KL, entropy, TIS, RS) and its reduction (SPEC §5, §5b).
+"""The policy loss of a micro-batch (surrogate, KL, entropy, TIS, RS) and its reduction (docs/objectives.md).
 
 All per-token inputs are one rank's local values of one micro-batch, in the order its reducers expect
 (per sample, its CP pieces concatenated). The surrogates themselves live in :mod:`rl_loss.surrogates`.

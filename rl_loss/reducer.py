@@ -1,7 +1,7 @@
 """The reducer of one rank's share of a micro-batch: its slice of the step weights, found from the CP layout.
 
 A :class:`TokenReducer` holds the weights of the tokens a (micro-batch, DP rank, CP rank) piece holds, in
-the order of its local values (SPEC §4: per sample its CP pieces, samples in the micro-batch's order), and
+the order of its local values (docs/cp-layout.md: per sample its CP pieces, samples in the micro-batch's order), and
 reduces those values with one dot product. :func:`local_reducer` cuts that slice from the step's weights;
 :class:`rl_loss.ReducerFactory` builds the weights (:mod:`rl_loss.aggregation`) and calls it.
 """

@@ -1,4 +1,4 @@
-"""Group-relative advantages (SPEC §5), with expected numbers worked out by hand."""
+"""Group-relative advantages (docs/objectives.md), with expected numbers worked out by hand."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""The aggregation modes (SPEC §2, §2b) against hand-worked numbers.
+"""The aggregation modes (docs/aggregation.md) against hand-worked numbers.
 
-Every expected number is worked out by hand from the SPEC formula in the comment beside it.
+Every expected number is worked out by hand from the formula of docs/aggregation.md in the comment beside it.
 
 The running example (``example_step``), N = 3 samples, P = 2 groups:
 
@@ -171,7 +171,7 @@ def test_prompt_mean_fully_masked_sample_adds_no_token_to_its_group():
     assert whole_step_objective(factory_for("prompt_mean"), step, WITH_EMPTY_VALUES) == pytest.approx(4.5, rel=1e-12)
 
 
-# --- trajectory_mean (SPEC §2b) ------------------------------------------------------------------
+# --- trajectory_mean (docs/aggregation.md) ------------------------------------------------------------------
 # The running example's values and masks as two agent trajectories: trajectory 7 = samples {0, 2}
 # (two segments), trajectory 4 = sample {1}; no prompt groups. Q = 2.
 #   trajectory 7: (6 + 6) / (3 + 1) = 3;   trajectory 4: 9 / 2 = 4.5

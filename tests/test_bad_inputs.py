@@ -1,4 +1,4 @@
-"""Bad inputs raise ValueError naming the argument and the value given (SPEC §2, §4, §8)."""
+"""Bad inputs raise ValueError naming the argument and the value given (docs/aggregation.md, docs/cp-layout.md, docs/api.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Checkpoints that verify and cannot run code (SPEC §6b): checksums, fallback, weights_only, torn metrics."""
+"""Checkpoints that verify and cannot run code (docs/run-safety.md): checksums, fallback, weights_only, torn metrics."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""One test per rejection rule of SPEC §6: the composed command line fails with a line naming the field."""
+"""One test per rejection rule of docs/configuration.md: the composed command line fails with a line naming the field."""
 
 from __future__ import annotations
 

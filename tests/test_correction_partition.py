@@ -5,7 +5,7 @@ The random steps and partitions are those of ``tests/test_partition_invariance.p
 (OPSM's mean KL, sequence TIS, seq_* rejection) need the CP all-reduce: each (micro-batch, CP group) runs
 :func:`rl_loss.policy_loss` twice per rank, first recording every rank's partials call by call, then replaying
 them so that call k on rank r returns the sum of call k's partials over the group (what a real all-reduce
-returns). The reference computes each statistic over the whole sample and the objective by SPEC §2's
+returns). The reference computes each statistic over the whole sample and the objective by docs/aggregation.md's
 formulas. float64: the corrections threshold statistics, so a float32 run could flip a decision at a bound
 that the float64 reference does not (the float32 exactness of the reduction is covered elsewhere).
 

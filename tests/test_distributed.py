@@ -1,4 +1,4 @@
-"""End-to-end layout invariance (SPEC §3, §9): the same seed gives the same rollouts, step objective
+"""End-to-end layout invariance (docs/exactness.md, docs/launcher.md): the same seed gives the same rollouts, step objective
 and gradient for any DP x CP layout, qkv format and micro-batch size, under torchrun on gloo."""
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def test_layout_gives_same_rollouts_objective_and_gradient(tmp_path, single_proc
             assert got[key] == pytest.approx(want[key], rel=RTOL, abs=floor), (layout, key, got[key], want[key])
 
 
-# The surrogate presets (SPEC §5b). GSPO's sequence ratio needs each sample's log-ratio sum over tokens that
+# The surrogate presets (docs/objectives.md). GSPO's sequence ratio needs each sample's log-ratio sum over tokens that
 # live on both CP ranks: one autograd all-reduce per micro-batch. Its second step is off-policy (two steps per
 # rollout), so sequence ratios leave 1 and its 3e-4 / 4e-4 clip binds. sample_mean's pg_loss is ~1e-12 at a
 # rollout's first step (zero-mean advantages): compared with an absolute floor. That floor is float32's: the

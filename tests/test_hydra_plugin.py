@@ -1,4 +1,4 @@
-"""The Hydra plugin puts the loss presets on every Hydra app's search path (SPEC §10), without torch.
+"""The Hydra plugin puts the loss presets on every Hydra app's search path (docs/integrations/hydra.md), without torch.
 
 These tests use the development install; ``tests/test_wheel.py`` repeats the user's path from a built
 wheel in a fresh virtual environment.
@@ -76,8 +76,7 @@ def test_every_preset_file_is_an_option_of_the_loss_group():
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_preset_instantiates_a_factory_in_a_foreign_app(preset):
-    extra = ["loss.divisor=40960"] if preset == "drgrpo" else []
-    cfg = compose_loss(f"+loss={preset}", *extra)
+    cfg = compose_loss(f"+loss={preset}")  # nothing else defined: every preset stands alone
     factory = hydra.utils.instantiate(cfg.loss)
     assert isinstance(factory, ReducerFactory)
     aggregation = yaml.safe_load((ROOT / "conf" / "loss" / f"{preset}.yaml").read_text()).get("aggregation")
@@ -93,8 +92,14 @@ def test_drgrpo_with_a_divisor_is_constant_in_a_foreign_app():
     )
 
 
+def test_drgrpo_in_an_app_without_a_rollout_divides_by_trls_default_budget():
+    # no rollout.max_response_len: the preset's documented fallback, trl 1.16 GRPOConfig.max_completion_length
+    factory = hydra.utils.instantiate(compose_loss("+loss=drgrpo").loss)
+    assert (factory.aggregation, factory.config.divisor) == ("constant", 512)
+
+
 def test_drgrpo_without_a_divisor_fails_with_one_line_naming_loss_divisor():
-    cfg = compose_loss("+loss=drgrpo")  # no rollout section: the interpolation falls back to null
+    cfg = compose_loss("+loss=drgrpo", "loss.divisor=null")
     assert cfg.loss.divisor is None
     with pytest.raises(InstantiationException) as err:
         hydra.utils.instantiate(cfg.loss)
@@ -105,8 +110,8 @@ def test_drgrpo_without_a_divisor_fails_with_one_line_naming_loss_divisor():
 
 
 def test_drgrpo_divisor_follows_the_apps_rollout_section():
-    cfg = compose_loss("+loss=drgrpo", "+rollout.max_response_len=512")
-    assert hydra.utils.instantiate(cfg.loss).config.divisor == 512
+    cfg = compose_loss("+loss=drgrpo", "+rollout.max_response_len=777")
+    assert hydra.utils.instantiate(cfg.loss).config.divisor == 777
 
 
 def test_build_reducer_factory_error_has_one_line_per_problem():

@@ -1,4 +1,4 @@
-"""The Megatron loss funcs give the gradient of the step objective J under megatron-core's contract (SPEC §3).
+"""The Megatron loss funcs give the gradient of the step objective J under megatron-core's contract (docs/exactness.md).
 
 The CPU tests drive :func:`megatron_loss_func` the way megatron-core 0.16.1 does: one micro-batch at a
 time on every (DP rank, CP rank), each rank with its own replica of the parameters, then
@@ -13,8 +13,8 @@ time on every (DP rank, CP rank), each rank with its own replica of the paramete
 4. with ``calculate_per_token_loss``, division by the token count summed over micro-batches and
    all-reduced over DP x CP, when it is > 0 (``schedules.py:649,672``, ``finalize_model_grads.py:484-497``).
 
-The result, and its gradient, is compared with J computed here from the SPEC §2 table (float64,
-rel. 1e-12), with each rank's local values cut by an independent implementation of the SPEC §4 layout.
+The result, and its gradient, is compared with J computed here from the docs/aggregation.md table (float64,
+rel. 1e-12), with each rank's local values cut by an independent implementation of the docs/cp-layout.md layout.
 The CUDA test runs megatron-core's real schedule, DDP and ``finalize_model_grads`` on one GPU.
 """
 
@@ -40,7 +40,7 @@ from rl_loss.integrations.megatron import check_megatron_config, megatron_loss_f
 MODES = ("sample_mean", "prompt_mean", "token_mean", "constant")
 FORMATS = ("thd", "bshd")
 DIVISOR = 9.5  # L of the constant mode
-REL = 1e-12  # float64 (SPEC §3)
+REL = 1e-12  # float64 (docs/exactness.md)
 FEATURES = 3  # parameters of the toy per-token loss
 
 pytestmark = pytest.mark.filterwarnings("ignore:Apex is not installed:UserWarning")  # importing megatron-core on CPU
@@ -58,7 +58,7 @@ def factory_for(mode: str, **fields) -> ReducerFactory:
     return ReducerFactory(LossConfig(aggregation=mode, divisor=DIVISOR if mode == "constant" else None, **fields))
 
 
-# --- a random step and its reference objective (SPEC §2) ---------------------------------------------
+# --- a random step and its reference objective (docs/aggregation.md) ---------------------------------------------
 
 
 @dataclass
@@ -107,7 +107,7 @@ def toy_token_loss(features: Tensor, theta: Tensor) -> Tensor:
 
 
 def step_objective(losses: list[Tensor], masks: list[list[int]], groups: list[int], mode: str) -> Tensor:
-    """J of SPEC §2, written out per sample and per group (no library code)."""
+    """J of docs/aggregation.md, written out per sample and per group (no library code)."""
     n = len(losses)
     sums = [(loss * torch.tensor(m, dtype=loss.dtype)).sum() for loss, m in zip(losses, masks, strict=True)]
     counts = [sum(m) for m in masks]
@@ -127,7 +127,7 @@ def step_objective(losses: list[Tensor], masks: list[list[int]], groups: list[in
     raise AssertionError(mode)
 
 
-# --- the CP layout of SPEC §4, written out ---------------------------------------------------------------
+# --- the CP layout of docs/cp-layout.md, written out ---------------------------------------------------------------
 
 
 def held_response_indices(total: int, response: int, cp_rank: int, cp_size: int, width: int) -> list[int]:
@@ -430,10 +430,10 @@ def toy_entropy(features: Tensor, theta: Tensor) -> Tensor:
 def reference_policy_objective(
     step: Step, theta: Tensor, inputs: PolicyInputs, mode: str, pg_units: list[int] | None = None
 ) -> dict[str, Tensor]:
-    """SPEC §5 per token, SPEC §2 aggregation: pg in the mode, KL (k3) and entropy in sample_mean.
+    """docs/objectives.md per token, docs/aggregation.md aggregation: pg in the mode, KL (k3) and entropy in sample_mean.
 
     ``pg_units`` replaces the prompt groups in pg_loss's aggregation (trajectory_mean is prompt_mean's
-    formula over trajectories, SPEC §2b).
+    formula over trajectories, docs/aggregation.md).
     """
     eps_low, eps_high = 0.2, 0.28
     pg, kl, entropy, ppo_kl = [], [], [], []
@@ -442,7 +442,7 @@ def reference_policy_objective(
         ratio = torch.exp((logp - inputs.old_logprobs[i]).clamp(-20, 20))
         a = inputs.advantages[i]
         token_loss = torch.maximum(-ratio * a, -ratio.clamp(1 - eps_low, 1 + eps_high) * a)
-        pg.append(token_loss * inputs.tis[i] * inputs.rs[i])  # RS edits the numerator only (SPEC §2)
+        pg.append(token_loss * inputs.tis[i] * inputs.rs[i])  # RS edits the numerator only (docs/aggregation.md)
         d = logp - inputs.ref_logprobs[i]
         kl.append(torch.exp(-d) - 1 + d)
         entropy.append(toy_entropy(f, theta))

@@ -1,4 +1,4 @@
-"""megatron-core's own schedule drives the Megatron loss funcs on CPU: the gradient is grad J (SPEC §3, §10).
+"""megatron-core's own schedule drives the Megatron loss funcs on CPU: the gradient is grad J (docs/exactness.md, docs/integrations/megatron.md).
 
 One process, world size 1, a gloo process group. megatron-core 0.16.1's real
 ``forward_backward_no_pipelining`` (``forward_step`` -> ``forward_step_calc_loss`` -> ``backward_step``
@@ -79,7 +79,7 @@ def factory_for(fields: dict, **extra) -> ReducerFactory:
 
 
 def trajectories_of(step: Step) -> list[int]:
-    """Trajectory ids for trajectory_mean: pairs of consecutive samples of one prompt group (SPEC §2b)."""
+    """Trajectory ids for trajectory_mean: pairs of consecutive samples of one prompt group (docs/aggregation.md)."""
     keys = [(g, step.groups[:i].count(g) // 2) for i, g in enumerate(step.groups)]
     ids = {key: n for n, key in enumerate(dict.fromkeys(keys))}
     return [ids[key] for key in keys]
@@ -87,7 +87,7 @@ def trajectories_of(step: Step) -> list[int]:
 
 def step_batch(step: Step, mode: str) -> StepBatch:
     batch = step.batch()
-    if mode == "trajectory_mean":  # SPEC §2b: the mode needs trajectory_index on the StepBatch
+    if mode == "trajectory_mean":  # docs/aggregation.md: the mode needs trajectory_index on the StepBatch
         batch = StepBatch(
             response_lengths=step.response_lengths,
             total_lengths=step.total_lengths,
@@ -99,7 +99,7 @@ def step_batch(step: Step, mode: str) -> StepBatch:
 
 
 def objective(losses: list[Tensor], step: Step, mode: str) -> Tensor:
-    """J of SPEC §2 / §2b; trajectory_mean is prompt_mean's formula over trajectories instead of prompt groups."""
+    """J of docs/aggregation.md; trajectory_mean is prompt_mean's formula over trajectories instead of prompt groups."""
     if mode == "trajectory_mean":
         return step_objective(losses, step.masks, trajectories_of(step), "prompt_mean")
     return step_objective(losses, step.masks, step.groups, mode)
@@ -308,7 +308,7 @@ def test_real_schedule_policy_loss_gradient_is_grad_of_full_loss(case, gloo_worl
     model, reports = run_schedule(gloo_world, config, step, theta, output, build, seed)
 
     param = theta.clone().requires_grad_(True)
-    if mode == "trajectory_mean":  # SPEC §2b: prompt_mean's formula over trajectories
+    if mode == "trajectory_mean":  # docs/aggregation.md: prompt_mean's formula over trajectories
         expected = reference_policy_objective(step, param, inputs, "prompt_mean", pg_units=trajectories_of(step))
     else:
         expected = reference_policy_objective(step, param, inputs, mode)

@@ -1,4 +1,4 @@
-"""Package boundaries and the public API of SPEC §8."""
+"""Package boundaries and the public API of docs/api.md."""
 
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
-"""Partition invariance (SPEC §3) and the context-parallel layout (SPEC §4).
+"""Partition invariance (docs/exactness.md) and the context-parallel layout (docs/cp-layout.md).
 
 The property tests draw a random step, a random partition of its samples into DP ranks x micro-batches,
 a CP size and a layout, reduce every (micro-batch, DP rank, CP rank) piece with the library's reducers,
 and compare the sum of the partials, and its gradient, with a direct reference implementation of the
-SPEC §2 formulas. Each rank's local values are gathered from one full per-token tensor with
+docs/aggregation.md formulas. Each rank's local values are gathered from one full per-token tensor with
 ``local_response_ranges`` (per sample its ranges concatenated, samples in the micro-batch's order), so the
 reducers' own slicing is checked against the public layout function.
 
@@ -76,7 +76,7 @@ class Case:
     total_lengths: list[int]
     masks: list[list[int]]
     groups: list[int]
-    trajectories: list[int]  # each trajectory within one prompt group (SPEC §2b)
+    trajectories: list[int]  # each trajectory within one prompt group (docs/aggregation.md)
     cells: list[list[int]]  # one (DP rank, micro-batch) per cell: its samples in their local order
     max_seq_lens: list[int | None]  # per cell (bshd: the padded width of that micro-batch)
     cp_size: int
@@ -150,11 +150,11 @@ def partitioned_steps(draw, qkv_format: str) -> Case:
     return Case(response, total, masks, groups, trajectories, cells, max_seq_lens, cp_size, qkv_format, divisor, whole, seed)
 
 
-# --- the reference: SPEC §2 written out directly -------------------------------------------------------
+# --- the reference: docs/aggregation.md written out directly -------------------------------------------------------
 
 
 def reference_objective(values: torch.Tensor, case: Case, mode: str) -> torch.Tensor:
-    """J of the whole step from the SPEC §2 table, with plain loops over samples and groups."""
+    """J of the whole step from the docs/aggregation.md table, with plain loops over samples and groups."""
     masked_sums, token_counts = [], []
     offset = 0
     for r, mask in zip(case.response_lengths, case.masks, strict=True):
@@ -310,7 +310,7 @@ def test_metric_partials_sum_to_step_sample_mean_in_every_mode(qkv_format, data)
 @PROPERTY_SETTINGS
 @given(data=st.data())
 def test_trajectory_mean_with_one_sample_per_trajectory_equals_sample_mean(qkv_format, data):
-    # SPEC §2b: Q = N and each trajectory's token total is |o_i|, so J is sample_mean's, partial by partial
+    # docs/aggregation.md: Q = N and each trajectory's token total is |o_i|, so J is sample_mean's, partial by partial
     case = data.draw(partitioned_steps(qkv_format))
     case.trajectories = [3 * i + 1 for i in range(case.num_samples)]
     with warnings.catch_warnings():

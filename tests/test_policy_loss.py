@@ -1,6 +1,6 @@
-"""The per-token policy loss and its reduction (SPEC §5): PPO clip, dual clip, KL, entropy, TIS, RS.
+"""The per-token policy loss and its reduction (docs/objectives.md): PPO clip, dual clip, KL, entropy, TIS, RS.
 
-Expected numbers are worked out by hand from the SPEC §5 formulas in the comments.
+Expected numbers are worked out by hand from the docs/objectives.md formulas in the comments.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Runs that survive preemption and crashes (SPEC §6b), as real processes: signals, SIGKILL at random
+"""Runs that survive preemption and crashes (docs/run-safety.md), as real processes: signals, SIGKILL at random
 steps, a second launch into a live run, resume under a new DP x CP layout, submitit requeue."""
 
 from __future__ import annotations

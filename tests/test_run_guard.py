@@ -1,4 +1,4 @@
-"""Resume guard, run-folder lock and stop requests (SPEC §6b), in one process."""
+"""Resume guard, run-folder lock and stop requests (docs/run-safety.md), in one process."""
 
 from __future__ import annotations
 

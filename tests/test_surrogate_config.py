@@ -1,4 +1,4 @@
-"""Configuration of the surrogates (SPEC §5b, §6): one test per rejection rule, through the launcher's
+"""Configuration of the surrogates (docs/objectives.md, docs/configuration.md): one test per rejection rule, through the launcher's
 composition (one line naming field, value and fix) and its CLI (exit code 2), and the effective defaults."""
 
 from __future__ import annotations

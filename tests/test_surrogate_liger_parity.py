@@ -5,7 +5,7 @@ log-probs from hidden states and an LM-head weight in float32; the reference her
 log-probs in float64 from the same (float32-rounded) tensors, runs :func:`rl_loss.policy_loss`, and
 compares the loss and the gradients of the hidden states and the weight.
 
-Parameter mapping (SPEC §5b vs liger, see INTEGRATIONS.md):
+Parameter mapping (docs/objectives.md vs liger, see INTEGRATIONS.md):
 - cispo: our IS-weight cap is ``1 + eps_clip_high``; liger's is ``epsilon_high`` itself (absolute).
   liger's loss_type="cispo" divides the masked token sum by the batch's token count: ``token_mean``.
 - sapo: ``sapo_tau_pos`` / ``sapo_tau_neg`` are liger's ``sapo_temperature_pos`` / ``_neg``; liger's

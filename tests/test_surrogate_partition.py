@@ -1,4 +1,4 @@
-"""Partition invariance of every surrogate (SPEC §3, §5b), and GSPO's sequence ratio exact under CP.
+"""Partition invariance of every surrogate (docs/exactness.md, docs/objectives.md), and GSPO's sequence ratio exact under CP.
 
 The random steps and partitions (micro-batches x DP ranks x CP 1-8 x thd/bshd) are those of
 ``tests/test_partition_invariance.py``. Each (micro-batch, DP rank, CP rank) piece runs
@@ -6,7 +6,7 @@ The random steps and partitions (micro-batches x DP ranks x CP 1-8 x thd/bshd) a
 first compute their per-sample partials and the all-reduce is simulated by adding the other ranks'
 partials to a rank's own (differentiably, so the gradient crosses ranks as a real autograd all-reduce
 would). The sum of the pieces, and its gradient, is compared with the step objective computed from the
-whole step: per-token losses written out per sample from SPEC §5b, aggregated by SPEC §2's formulas.
+whole step: per-token losses written out per sample from docs/objectives.md, aggregated by docs/aggregation.md's formulas.
 
 Run with ``-s`` for the example counts and the largest relative errors.
 """
@@ -79,7 +79,7 @@ def inputs(case: Case, signed_advantages: bool) -> tuple[torch.Tensor, torch.Ten
 
 
 def reference_per_token_loss(case: Case, logp, old, adv, config: LossConfig) -> torch.Tensor:
-    """SPEC §5b's per-token loss, written out sample by sample."""
+    """The per-token loss of docs/objectives.md, written out sample by sample."""
     losses, offset = [], 0
     for r, mask in zip(case.response_lengths, case.masks, strict=True):
         lp, lo, a = logp[offset : offset + r], old[offset : offset + r], adv[offset : offset + r]

@@ -1,6 +1,6 @@
-"""The surrogate objectives (SPEC §5b): CISPO, SAPO and GSPO's sequence-level ratio, on hand-worked cases.
+"""The surrogate objectives (docs/objectives.md): CISPO, SAPO and GSPO's sequence-level ratio, on hand-worked cases.
 
-Every expected number is worked out from the SPEC §5b formulas in the comment above its assertion.
+Every expected number is worked out from the docs/objectives.md formulas in the comment above its assertion.
 """
 
 from __future__ import annotations

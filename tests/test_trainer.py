@@ -78,7 +78,7 @@ def test_drgrpo_with_large_divisor_has_tiny_loss_scale(tmp_path):
 
 
 def test_trajectory_mean_in_the_launcher_trains_exactly_as_sample_mean(tmp_path):
-    # every launcher sample is its own trajectory (SPEC §2b): same weights, so the same run, bit for bit
+    # every launcher sample is its own trajectory (docs/aggregation.md): same weights, so the same run, bit for bit
     trajectory = run_tiny(tmp_path / "trajectory", "loss.aggregation=trajectory_mean", "trainer.max_steps=2")
     sample = run_tiny(tmp_path / "sample", "loss.aggregation=sample_mean", "trainer.max_steps=2")
     assert [r["aggregation"] for r in trajectory] == ["trajectory_mean"] * 2

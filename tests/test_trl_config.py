@@ -103,6 +103,8 @@ UNSUPPORTED_SETTINGS = {  # path: (value on the command line, as the message sho
     "parallel.qkv_format": ("bshd", "'bshd'"),
     "parallel.backend": ("gloo", "'gloo'"),
     "loss.advantage_eps": ("0.001", "0.001"),
+    "loss.cov_penalty": ("clip_cov", "'clip_cov'"),
+    "loss.rollout_correction": ("{is_level:token}", "{'is_level': 'token'}"),
 }
 
 
@@ -256,8 +258,8 @@ def test_loss_config_marks_only_non_default_fields_as_set():
     assert (loss.aggregation, loss.divisor, loss.advantage_estimator) == ("constant", 12.0, "drgrpo")
 
 
-def test_readme_table_lists_every_mapping():
-    readme = (ROOT / "README.md").read_text()
+def test_launcher_page_table_lists_every_mapping():
+    readme = (ROOT / "docs" / "launcher.md").read_text()
     table = readme[readme.index("### The GRPOConfig mapping"):]
     for path, fields in GRPO_CONFIG_FIELDS.items():
         row = next((line for line in table.splitlines() if line.startswith(f"| `{path}` ")), None)
@@ -343,23 +345,23 @@ print(",".join(m for m in sys.modules if m.split(".")[0] in ("trl", "transformer
     assert (tmp_path / "metrics.jsonl").exists()
 
 
-def readme_command(heading: str) -> list[str]:
-    """The launcher overrides of the first bash block after ``heading`` in the README."""
-    readme = (ROOT / "README.md").read_text()
+def launcher_page_command(heading: str) -> list[str]:
+    """The launcher overrides of the first bash block after ``heading`` in docs/launcher.md."""
+    readme = (ROOT / "docs" / "launcher.md").read_text()
     block = readme[readme.index(heading):].split("```bash\n", 1)[1].split("```", 1)[0]
     words = block.replace("\\\n", " ").split()
     return words[words.index("launchers.train") + 1:]
 
 
-def test_readme_one_gpu_qwen_command_is_valid():
-    config = compose_job(readme_command("### One GPU: Qwen2.5-0.5B")).config
+def test_launcher_page_one_gpu_qwen_command_is_valid():
+    config = compose_job(launcher_page_command("### One GPU: Qwen2.5-0.5B")).config
     assert (config.backend.kind, config.model.name_or_path, config.loss.aggregation) == (
         "trl", "Qwen/Qwen2.5-0.5B-Instruct", "prompt_mean")
     assert config.device == "cuda" and config.backend.bf16
 
 
-def test_readme_accelerate_command_is_valid_on_its_four_processes():
-    config = compose_job(readme_command("### Several GPUs: accelerate"), world_size=4).config
+def test_launcher_page_accelerate_command_is_valid_on_its_four_processes():
+    config = compose_job(launcher_page_command("### Several GPUs: accelerate"), world_size=4).config
     assert grpo_config_kwargs(config, "run", world_size=4)["gradient_accumulation_steps"] == 4
 
 

@@ -1,4 +1,4 @@
-"""GRPOConfig settings RLLossGRPOTrainer honours or rejects: never silently ignored (SPEC §6, §10)."""
+"""GRPOConfig settings RLLossGRPOTrainer honours or rejects: never silently ignored (docs/configuration.md, docs/integrations/trl.md)."""
 
 from __future__ import annotations
 

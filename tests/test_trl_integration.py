@@ -1,4 +1,4 @@
-"""RLLossGRPOTrainer against TRL 1.16's real GRPOTrainer on CPU (SPEC §10).
+"""RLLossGRPOTrainer against TRL 1.16's real GRPOTrainer on CPU (docs/integrations/trl.md).
 
 A tiny Qwen2 built from a config, a tokenizer built in code, distinct "a + b =" prompts and a Python
 reward (benchmarks/_trl_workload.py): no download. Both trainers run ``train()`` from the same
@@ -170,7 +170,7 @@ def test_same_gradient_as_trl_whatever_steps_per_generation(tiny, mode, generati
 
 def test_kl_through_sample_mean_matches_trl_grpo(tiny, tmp_path):
     # With loss_type="grpo" TRL's per-token beta * k3 is averaged per sample, then over samples: that is
-    # SPEC's sample_mean KL, so the two agree (without TRL's importance-ratio factor on the KL).
+    # the sample_mean KL of docs/objectives.md, so the two agree (without TRL's importance-ratio factor on the KL).
     path = str(tmp_path / "policy")
     tiny.model.save_pretrained(path)  # TRL builds the reference model from the policy's path
     settings = dict(beta=0.05, use_bias_correction_kl=False, num_iterations=2, max_steps=2,

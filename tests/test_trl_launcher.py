@@ -1,7 +1,7 @@
 """``python -m launchers.train backend=trl``: short RLLossGRPOTrainer runs on the tiny Hugging Face model.
 
 Each run is 2-4 optimizer steps of a 2-layer Qwen2 (hidden size 32) on 8 completions per step, on
-the CPU. The run folder contract is the toy backend's (SPEC §9).
+the CPU. The run folder contract is the toy backend's (docs/launcher.md).
 """
 
 from __future__ import annotations

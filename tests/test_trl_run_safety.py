@@ -1,4 +1,4 @@
-"""``backend=trl`` under the toy backend's run-safety and summary contracts (SPEC §6b, §9).
+"""``backend=trl`` under the toy backend's run-safety and summary contracts (docs/run-safety.md, docs/launcher.md).
 
 The same functions guard both backends (launchers.runs.run_guard.open_run, launchers.runs.checkpoints.resume_newest,
 launchers.runs.preemption.StopRequest, launchers.runs.summary.log_run_summary); these tests run them through

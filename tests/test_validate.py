@@ -1,4 +1,4 @@
-"""``rl-loss-validate``: exit 0 on valid loss configurations, 2 with one line per problem, never a traceback (SPEC §10)."""
+"""``rl-loss-validate``: exit 0 on valid loss configurations, 2 with one line per problem, never a traceback (docs/integrations/validate.md)."""
 
 from __future__ import annotations
 
@@ -46,32 +46,28 @@ def write(tmp_path: Path, text: str, name: str = "custom.yaml") -> Path:
 # --- valid inputs ---------------------------------------------------------------------------------------------
 
 
-def test_every_shipped_preset_file_is_valid_drgrpo_given_its_divisor(capsys):
-    others = [p for p in PRESET_FILES if p.stem != "drgrpo"]
-    status, out, err = validate(capsys, *others)
+def test_every_shipped_preset_file_is_valid_on_its_own(capsys):
+    # the CI example of docs/integrations/validate.md: rl-loss-validate conf/loss/*.yaml
+    status, out, err = validate(capsys, *PRESET_FILES)
     assert (status, err) == (0, [])
-    assert len(out) == len(others)
-    for path, line in zip(others, out, strict=True):
+    assert len(out) == len(PRESET_FILES)
+    for path, line in zip(PRESET_FILES, out, strict=True):
         aggregation = yaml.safe_load(path.read_text()).get("aggregation")  # a preset may inherit it
         assert line.startswith(f"{path}: ok (aggregation={aggregation or ''}"), line
+
+
+def test_shipped_drgrpo_alone_divides_by_trls_default_budget(capsys):
+    # no rollout.max_response_len outside an app: the fallback 512 (trl 1.16 GRPOConfig.max_completion_length)
     drgrpo = ROOT / "conf" / "loss" / "drgrpo.yaml"
+    assert validate(capsys, drgrpo) == (0, [f"{drgrpo}: ok (aggregation=constant, divisor=512)"], [])
     assert validate(capsys, drgrpo, "loss.divisor=40960") == (0, [f"{drgrpo}: ok (aggregation=constant, divisor=40960)"], [])
-
-
-def test_shipped_drgrpo_without_a_divisor_names_its_divisor_line(capsys):
-    drgrpo = ROOT / "conf" / "loss" / "drgrpo.yaml"
-    line = next(n for n, text in enumerate(drgrpo.read_text().splitlines(), 1) if text.startswith("divisor:"))
-    assert only_problem(capsys, drgrpo) == (
-        f"{drgrpo}:{line}: loss.divisor: must be a finite number > 0 when aggregation=constant (got None); {DIVISOR_FIX}"
-    )
 
 
 @pytest.mark.parametrize("preset", [p.stem for p in PRESET_FILES])
 def test_every_preset_override_is_valid(capsys, preset):
-    extra = ["loss.divisor=40960"] if preset == "drgrpo" else []
-    status, out, err = validate(capsys, f"loss={preset}", *extra)
+    status, out, err = validate(capsys, f"loss={preset}")
     assert (status, err) == (0, [])
-    assert out[0].startswith(" ".join([f"loss={preset}", *extra]) + ": ok (aggregation=")
+    assert out[0].startswith(f"loss={preset}: ok (aggregation=")
 
 
 def test_plain_mapping_file_is_valid(capsys, tmp_path):
@@ -113,8 +109,8 @@ RULE_CASES = {
         "generation budget in tokens, e.g. the rollout's max response length",
     ),
     "_constant_needs_divisor": (
-        ["loss=drgrpo"],
-        f"loss=drgrpo: loss.divisor: must be a finite number > 0 when aggregation=constant (got None); {DIVISOR_FIX}",
+        ["loss=drgrpo", "loss.divisor=null"],
+        f"loss.divisor=null: loss.divisor: must be a finite number > 0 when aggregation=constant (got None); {DIVISOR_FIX}",
     ),
     "_divisor_only_with_constant": (
         ["loss=grpo", "loss.divisor=4096"],
@@ -378,8 +374,9 @@ def test_unknown_key_is_reported_as_unknown_whatever_its_value(capsys, tmp_path)
     )
 
 
-def test_problem_inherited_from_a_preset_names_the_file(capsys, tmp_path):
-    path = write(tmp_path, "defaults:\n  - drgrpo\n  - _self_\nkl_coef: 0.1\n")
+def test_problem_inherited_from_a_sibling_names_the_file(capsys, tmp_path):
+    write(tmp_path, "aggregation: constant\n", "loss/budgetless.yaml")
+    path = write(tmp_path, "defaults:\n  - budgetless\n  - _self_\nkl_coef: 0.1\n", "loss/child.yaml")
     assert only_problem(capsys, path) == (
         f"{path}: loss.divisor: must be a finite number > 0 when aggregation=constant (got None); {DIVISOR_FIX}"
     )

@@ -1,4 +1,4 @@
-"""A user's path (SPEC §10): build the wheel, install it into a fresh venv, use the presets from a new Hydra app.
+"""A user's path (docs/integrations/hydra.md): build the wheel, install it into a fresh venv, use the presets from a new Hydra app.
 
 The fresh virtual environment gets rl-loss only from the wheel (``pip install --no-deps``); its
 dependencies (torch, hydra-core, pydantic, ...) are the test environment's, reached through a plain
@@ -22,6 +22,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -192,8 +193,14 @@ def test_app_composes_drgrpo_with_a_divisor_from_the_wheel(fresh_venv, app):
     assert_from_wheel(result, fresh_venv)
 
 
+def test_app_without_a_rollout_gets_drgrpos_documented_budget(fresh_venv, app):
+    # the app has no rollout.max_response_len: 512, trl 1.16 GRPOConfig.max_completion_length (docs/configuration.md)
+    (result,) = job_results(run_app(fresh_venv, app, "loss=drgrpo").stdout)
+    assert (result["aggregation"], result["divisor"]) == ("constant", 512)
+
+
 def test_app_without_a_divisor_fails_with_one_line_naming_loss_divisor(fresh_venv, app):
-    failed = run_app(fresh_venv, app, "loss=drgrpo", check=False)
+    failed = run_app(fresh_venv, app, "loss=drgrpo", "loss.divisor=null", check=False)
     assert failed.returncode != 0
     assert "loss.divisor: must be a finite number > 0 when aggregation=constant (got None)" in failed.stderr
     assert "Interpolation" not in failed.stderr and "Traceback" not in failed.stderr
@@ -205,9 +212,13 @@ def test_app_without_a_loss_group_adds_a_preset(fresh_venv, app):
     assert_from_wheel(result, fresh_venv)
 
 
-def test_app_sweeps_presets(fresh_venv, app):
-    results = job_results(run_app(fresh_venv, app, "-m", "loss=grpo,dapo", "hydra.sweep.dir=multirun").stdout)
-    assert [r["aggregation"] for r in results] == ["sample_mean", "token_mean"]
+def test_app_sweeps_every_preset(fresh_venv, app):
+    # the own-app sweep of docs/integrations/hydra.md, over every shipped preset: each job exits 0
+    presets = sorted(p.stem for p in (ROOT / "conf" / "loss").glob("*.yaml"))
+    results = job_results(run_app(fresh_venv, app, "-m", "loss=" + ",".join(presets), "hydra.sweep.dir=multirun").stdout)
+    expected = [yaml.safe_load((ROOT / "conf" / "loss" / f"{p}.yaml").read_text()).get("aggregation", "sample_mean")
+                for p in presets]
+    assert [r["aggregation"] for r in results] == expected
 
 
 def test_app_search_path_lists_rl_loss(fresh_venv, app):
@@ -220,6 +231,6 @@ def test_console_script_from_the_wheel_validates(fresh_venv, app):
     script = fresh_venv / "bin" / "rl-loss-validate"
     ok = run([script, "loss=drgrpo", "loss.divisor=40960"], cwd=app)
     assert ok.stdout.strip() == "loss=drgrpo loss.divisor=40960: ok (aggregation=constant, divisor=40960)"
-    bad = run([script, "loss=drgrpo"], cwd=app, check=False)
+    bad = run([script, "loss=drgrpo", "loss.divisor=-1"], cwd=app, check=False)
     assert bad.returncode == 2
-    assert bad.stderr.startswith("loss=drgrpo: loss.divisor: must be a finite number > 0")
+    assert bad.stderr.startswith("loss.divisor=-1: loss.divisor: must be a finite number > 0")

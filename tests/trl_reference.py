@@ -1,9 +1,9 @@
-"""Independent references for the TRL tests: SPEC §2's objectives by explicit per-sample loops.
+"""Independent references for the TRL tests: the objectives of docs/aggregation.md by explicit per-sample loops.
 
 Nothing here uses rl_loss: the per-token log-probs come from the model's logits (log_softmax and a
 gather), the per-token loss at a step's first pass is the on-policy PPO term ``-A * exp(logp - sg(logp))``
 (value -A, gradient -A * grad logp; the clip does not bind at ratio 1), and the step objective is
-written out from the table of SPEC §2, one sample and one group at a time. Prompt groups are keyed by
+written out from the table of docs/aggregation.md, one sample and one group at a time. Prompt groups are keyed by
 the prompt's token ids (the test prompts are all distinct), not by any index the trainer adds.
 """
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING, Any
 
+from pydantic import BaseModel
+
 if TYPE_CHECKING:
     from launchers.config.run_config import RunConfig
 
@@ -63,12 +65,17 @@ def _value_at(cfg: Any, path: str) -> Any:
     return functools.reduce(getattr, path.split("."), cfg)
 
 
+def _shown(value: Any) -> str:
+    """A value as an error line shows it: a nested section by the settings given, not its Python repr."""
+    return repr(value.model_dump(exclude_defaults=True) if isinstance(value, BaseModel) else value)
+
+
 def _unsupported_fields_at_default(cfg: RunConfig, world_size: int) -> str | None:
     problems = []
     for path, reason in UNSUPPORTED_BY_TRL.items():
         value, default = _value_at(cfg, path), _value_at(_defaults(type(cfg)), path)
         if value != default and value not in ALSO_HONOURED.get(path, ()):
-            problems.append(f"{path}: backend=trl cannot honour it: {reason} (got {value!r}); remove it (default {default!r})")
+            problems.append(f"{path}: backend=trl cannot honour it: {reason} (got {_shown(value)}); remove it (default {_shown(default)})")
     return "\n".join(problems) or None
 
 

@@ -21,7 +21,7 @@ RUN_INVARIANT = frozenset({
     # Display and where the run executes.
     "progress",
     "device",
-    # The DP x CP layout, its backend, the micro-batch size and the qkv format: SPEC §3 makes the step
+    # The DP x CP layout, its backend, the micro-batch size and the qkv format: docs/exactness.md makes the step
     # objective and gradient independent of them (float rounding aside; tests/test_preemption.py).
     "parallel",
     "trainer.micro_batch_size",

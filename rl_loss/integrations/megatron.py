@@ -4,7 +4,7 @@ A Megatron-LM-based RL trainer returns ``(output_tensor, loss_func)`` from its `
 :func:`megatron_loss_func` (per-token loss in, pg_loss out) and :func:`megatron_policy_loss_func`
 (log-probs in, the full §5 policy loss out) build that ``loss_func`` for one micro-batch on one rank.
 The returned tuple is scaled so that, after everything megatron-core does to it, the summed gradient
-is the gradient of the step objective J (SPEC §2-§3), whatever the DP x CP x micro-batch partition.
+is the gradient of the step objective J (docs/aggregation.md, docs/exactness.md), whatever the DP x CP x micro-batch partition.
 
 What megatron-core 0.16.1 does to the loss (paths relative to ``megatron/core``):
 
@@ -36,7 +36,7 @@ Which path and why. Both modes use the **3-tuple** return:
   The 2-tuple path would also work with ``partial * num_microbatches * dp_size`` (CP excluded, since it
   multiplies by the CP size), but it assumes the legacy convention that every CP rank returns the
   whole sequence's loss, and it sends ``num_tokens = 0`` to ``finalize_model_grads`` (which then skips
-  its division) if the flag is on; the 3-tuple path has neither trap. SPEC §3's
+  its division) if the flag is on; the 3-tuple path has neither trap. docs/exactness.md's
   ``partial * num_microbatches * dp_cp_size`` is exactly the 3-tuple scaling with ``num_tokens = 1``.
 - With ``calculate_per_token_loss`` (token_mean only; :class:`~rl_loss.LossConfig` enforces it):
   return ``(partial * max(T, 1), n_local, report)``, where ``partial * T`` is this rank's masked token
@@ -44,7 +44,7 @@ Which path and why. Both modes use the **3-tuple** return:
   (:meth:`~rl_loss.TokenReducer.token_count`). The schedule leaves the loss alone, DDP sums, and
   ``finalize_model_grads`` divides by ``sum n_local = T``: the gradient is ``grad J`` again. Terms that
   are not pg_loss (KL, entropy) ride along with the same ``T`` factor, so they keep their weight.
-  The counts come from the pre-RS loss masks, like every denominator (SPEC §2).
+  The counts come from the pre-RS loss masks, like every denominator (docs/aggregation.md).
 
 Megatron's ``calculate_per_token_loss`` (on its ``TransformerConfig``) must equal
 ``factory.config.calculate_per_token_loss``: measured through megatron-core's schedule, a token_mean
@@ -171,7 +171,7 @@ def megatron_loss_func(
         cp_rank, cp_size: this rank's place in the context-parallel group.
         qkv_format: ``"thd"`` or ``"bshd"``; max_seq_len: padded width, required for bshd with CP.
         values_from_output: maps the model's output tensor to this rank's 1-D per-token loss values
-            (SPEC §4 order); ``None`` means the output already is that tensor.
+            (docs/cp-layout.md order); ``None`` means the output already is that tensor.
 
     Returns:
         ``loss_func(output_tensor) -> (loss, num_tokens, {"pg_loss": [partial * k, 1]})``, see the
@@ -222,7 +222,7 @@ def megatron_policy_loss_func(
         factory, step, num_microbatches, dp_cp_size, sample_indices, cp_rank, cp_size, qkv_format,
             max_seq_len, megatron_config: as in :func:`megatron_loss_func`.
         old_logprobs, advantages, ref_logprobs, tis_weights, rs_mask: this rank's local per-token
-            inputs of :func:`rl_loss.policy_loss` (1-D, SPEC §4 order).
+            inputs of :func:`rl_loss.policy_loss` (1-D, docs/cp-layout.md order).
         logprobs_from_output: maps the model's output tensor to the local log-probs, or to
             ``(logprobs, entropy)`` when the model also gives the per-token entropy; ``None`` means the
             output already is the log-prob tensor.

@@ -5,7 +5,7 @@ generates, scores and computes advantages (for ``advantage_estimator=grpo_batch_
 divides TRL's group-centred advantages by their std over the generation batch); ``_compute_loss`` -- the hook TRL's own experimental
 trainers (e.g. ``trl/experimental/gmpo``) override -- computes the per-token loss with
 :func:`rl_loss.policy_loss` and aggregates it with the configured mode over the **optimizer step**
-(all its micro-batches on all processes), SPEC §2-§3. Checked against trl 1.16.0 and transformers 5.
+(all its micro-batches on all processes), docs/aggregation.md, docs/exactness.md. Checked against trl 1.16.0 and transformers 5.
 
 Steps. :mod:`rl_loss.integrations.trl_steps` maps TRL's generation batches onto optimizer steps. When
 ``steps_per_generation`` is a multiple of ``gradient_accumulation_steps`` (TRL's default: equal), it
@@ -28,7 +28,7 @@ Where this differs from TRL's own loss (TRL 1.16, ``GRPOTrainer._compute_loss``)
 
 - KL (``beta > 0``): TRL adds ``beta * k3`` to every token's loss and aggregates it with the
   ``loss_type``'s normalisation (for ``dapo``: the token mean; ``dr_grpo``: / (B * max_completion_length)),
-  and by default multiplies it by the importance ratio (``use_bias_correction_kl``). Here, as SPEC §2
+  and by default multiplies it by the importance ratio (``use_bias_correction_kl``). Here, as docs/aggregation.md
   says, ``kl_loss`` is ``loss_config.kl_estimator`` of ``d = logp - logp_ref`` averaged with
   sample_mean over the step, added as ``kl_coef * kl_loss``; ``loss_config.kl_coef`` is the
   coefficient and must equal ``GRPOConfig.beta`` (TRL builds the reference model only when beta > 0),
@@ -136,7 +136,7 @@ class RLLossGRPOTrainer(GRPOTrainer):
         return output
 
     def _batch_std_advantages(self, centred: Tensor) -> Tensor:
-        """grpo_batch_std (ScaleRL, SPEC §5) from TRL's ``scale_rewards="none"`` advantages ``c = r - mean_g``.
+        """grpo_batch_std (ScaleRL, docs/objectives.md) from TRL's ``scale_rewards="none"`` advantages ``c = r - mean_g``.
 
         A = c / (std_B + advantage_eps), std_B = sqrt(sum_j c_j^2 / (N - 1)) over the N completions of the
         whole generation batch (every process's share: one all-gather per generation), as

@@ -142,7 +142,7 @@ def _clip_range_agrees(args: Any, loss: LossConfig) -> str | None:
             f"{args.epsilon} (got None); set epsilon_high = 1 + loss_config.eps_clip_high = {1.0 + loss.clip_high}"
         )
     if surrogate in ("ppo_clip", "cispo") and args.epsilon_high is not None:
-        # TRL's cispo caps the ratio at epsilon_high itself; rl-loss's at 1 + eps_clip_high (SPEC §5b).
+        # TRL's cispo caps the ratio at epsilon_high itself; rl-loss's at 1 + eps_clip_high (docs/objectives.md).
         expected = loss.clip_high + (1.0 if surrogate == "cispo" else 0.0)
         if not _same(args.epsilon_high, expected):
             problems.append(
@@ -262,7 +262,7 @@ def _no_trl_only_token_edits(args: Any, loss: LossConfig) -> str | None:
     if args.mask_truncated_completions:
         problems.append(
             "GRPOConfig.mask_truncated_completions: TRL edits the loss masks before rl-loss sees them, so truncated "
-            "completions would also leave the denominators, which SPEC §2 counts from the unedited masks (got True); "
+            "completions would also leave the denominators, whose counts come from the unedited masks (docs/aggregation.md) (got True); "
             "set mask_truncated_completions=False"
         )
     return "\n".join(problems) or None

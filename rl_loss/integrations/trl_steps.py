@@ -27,7 +27,7 @@ Otherwise (e.g. GA > steps_per_generation) a step mixes generation batches and i
 are not generated yet when the first is trained. Modes whose weight of a sample needs only N and the
 sample's own tokens (:data:`LOCAL_MODES`: sample_mean, constant) are still exact: :func:`placeholder_step`
 is the step as seen from one micro-batch, its rows followed by fully masked placeholders for the other
-N - B samples (they add no token and only count in N, SPEC §2). The other modes are rejected then.
+N - B samples (they add no token and only count in N, docs/aggregation.md). The other modes are rejected then.
 
 This module only follows TRL's contract; it imports neither trl nor transformers.
 """

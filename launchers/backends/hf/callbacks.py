@@ -2,7 +2,7 @@
 
 TRL logs one dict per optimizer step (``logging_steps=1``) through the Hugging Face Trainer's
 ``on_log`` event; :class:`MetricsCallback` turns it into the launcher's ``metrics.jsonl`` record (the
-SPEC §9 names, :data:`TRL_METRIC_NAMES`) and mirrors it to TensorBoard with the toy backend's
+names of docs/launcher.md, :data:`TRL_METRIC_NAMES`) and mirrors it to TensorBoard with the toy backend's
 :class:`~launchers.runs.run_io.MetricsWriter`. Only the main process writes. :class:`ChecksumCallback`
 writes the checksum of each checkpoint folder once the Trainer has saved it, :class:`StopCallback`
 turns the launcher's :class:`~launchers.runs.preemption.StopRequest` (Ctrl-C, SIGTERM, SIGUSR1) into a

@@ -7,7 +7,7 @@ The run folder is the toy backend's: ``metrics.jsonl`` and ``tensorboard/`` (:mo
 processes: ``accelerate launch -m launchers.train backend=trl ...`` (data parallel; accelerate and the
 Trainer set up the processes).
 
-Run safety (SPEC §6b) comes from the toy backend's functions: :func:`launchers.runs.run_guard.open_run`
+Run safety (docs/run-safety.md) comes from the toy backend's functions: :func:`launchers.runs.run_guard.open_run`
 (the lock and the recipe guard), :func:`launchers.runs.checkpoints.resume_newest` over the Trainer's
 folders (:data:`launchers.runs.checkpoints.TRAINER_FOLDERS`), :class:`launchers.runs.preemption.StopRequest`
 (Ctrl-C, SIGTERM, SIGUSR1: a checkpoint, then exit 130, 143, 138) and

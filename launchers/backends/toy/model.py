@@ -11,7 +11,7 @@ position ``<= p``. Without CP the exchange is the identity, so one code path ser
 - a distributed trainer (:func:`launchers.backends.toy.cp_exchange.all_gather_kv` over the CP process group).
 
 :func:`local_logprobs` turns a rank's logits into the log-probs and entropies of the response tokens
-it holds, in the order rl_loss expects (SPEC §4: per sample, its two CP pieces concatenated).
+it holds, in the order rl_loss expects (docs/cp-layout.md: per sample, its two CP pieces concatenated).
 """
 
 from __future__ import annotations
@@ -201,7 +201,7 @@ def cp_batch(
     max_seq_len: int | None = None,
     pad_id: int = 13,
 ) -> CPBatch:
-    """Cut a micro-batch into the slots CP rank ``cp_rank`` computes (SPEC §4 zigzag layout).
+    """Cut a micro-batch into the slots CP rank ``cp_rank`` computes (docs/cp-layout.md zigzag layout).
 
     Args:
         sequences: full token ids of each sample (prompt then response), length T_i.
