@@ -103,13 +103,15 @@ def main(argv: list[str] | None = None) -> None:
         argv = [*argv, f"hydra.run.dir={torchrun_run_dir()}"]
     run_dir = next((a.split("=", 1)[1] for a in argv if a.startswith("hydra.run.dir=")), None)
     multirun = any(a in ("-m", "--multirun") for a in argv)
-    if jobs and len(jobs) == 1 and not multirun:
+    if jobs and len(jobs) == 1 and not multirun and int(os.environ.get("RANK", "0")) == 0:
         from launchers.runs.run_guard import precheck
 
         # Refuse early (live run, changed recipe, a file in the way); claimed_run decides again under the lock.
+        # Rank 0 alone: a later rank would find rank 0's own new run there and refuse it (torchrun ends the
+        # other ranks when rank 0 exits on a refusal).
         run_dir = run_dir if run_dir and "${" not in run_dir else jobs[0].run_dir
         if run_dir:
-            precheck(jobs[0].config, run_dir, quiet=int(os.environ.get("RANK", "0")) > 0)
+            precheck(jobs[0].config, run_dir)
     if int(os.environ.get("RANK", "0")) > 0:
         # rank 0 alone writes the run folder's .hydra/ record and log file
         argv = [*argv, "hydra.output_subdir=null", "hydra/job_logging=disabled"]

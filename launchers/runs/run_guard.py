@@ -320,18 +320,18 @@ def folder_problem(run_dir: str | Path) -> str | None:
     return None
 
 
-def precheck(config: RunConfig, run_dir: str | Path, quiet: bool = False) -> None:
+def precheck(config: RunConfig, run_dir: str | Path) -> None:
     """Refuse a launch before Hydra writes into the run folder (its ``.hydra/`` and log): reads only.
 
     :func:`open_run` decides again, under the lock; this early check keeps a refused launch from
     touching a live or finished run's folder at all.
 
     Raises:
-        SystemExit: code 2 after one or more lines on stderr (none when ``quiet``: torchrun's other ranks).
+        SystemExit: code 2 after one or more lines on stderr.
     """
     run_dir = Path(run_dir)
     if problem := folder_problem(run_dir):
-        print("" if quiet else problem, file=sys.stderr, end="" if quiet else "\n")
+        print(problem, file=sys.stderr)
         raise SystemExit(EXIT_REFUSED)
     if not run_dir.is_dir():
         return
@@ -341,6 +341,6 @@ def precheck(config: RunConfig, run_dir: str | Path, quiet: bool = False) -> Non
             raise RunFolderBusy(busy_message(run_dir / LOCK_NAME, held, this_process()))
         decide(config, run_dir)
     except (RunFolderBusy, Refused) as err:
-        for line in [] if quiet else err.lines if isinstance(err, Refused) else [str(err)]:
+        for line in err.lines if isinstance(err, Refused) else [str(err)]:
             print(line, file=sys.stderr)
         raise SystemExit(EXIT_REFUSED) from None
