@@ -82,46 +82,88 @@ def _child(args: list[str], env: dict[str, str], log: Path) -> None:
             os._exit(code)
 
 
+class ForkedRun:
+    """The ranks of one forked launch, with the part of :class:`subprocess.Popen` the tests use.
+
+    ``pid`` is rank 0's; ``returncode`` is rank 0's exit code (``-N`` for a signal) once every rank has
+    ended; ``communicate`` returns rank 0's log (stdout and stderr together) and ``None``.
+    """
+
+    def __init__(self, args: list[str], nproc: int, log_dir: Path) -> None:
+        preload()
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.logs = [log_dir / f"rank{rank}.log" for rank in range(nproc)]
+        port = str(free_port())
+        self.pids: list[int] = []
+        self.codes: dict[int, int] = {}
+        for rank in range(nproc):
+            env = {} if nproc == 1 else {
+                "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc),
+                "GROUP_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+            }
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:
+                _child(args, env, self.logs[rank])
+            self.pids.append(pid)
+        self.pid = self.pids[0]
+
+    @property
+    def returncode(self) -> int | None:
+        return self.codes[self.pid] if len(self.codes) == len(self.pids) else None
+
+    def poll(self) -> int | None:
+        """Reap the ranks that ended; as torchrun does, one failed rank stops the others."""
+        for pid in self.pids:
+            if pid not in self.codes:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    self.codes[pid] = os.waitstatus_to_exitcode(status)
+        if any(code != 0 for code in self.codes.values()):
+            self._signal_running(signal.SIGKILL)
+        return self.returncode
+
+    def _signal_running(self, signum: int) -> None:
+        for pid in self.pids:
+            if pid not in self.codes:
+                os.kill(pid, signum)
+
+    def send_signal(self, signum: int) -> None:
+        """Signal rank 0."""
+        if self.pid not in self.codes:
+            os.kill(self.pid, signum)
+
+    def kill(self) -> None:
+        self._signal_running(signal.SIGKILL)
+
+    def wait(self, timeout: float = 300) -> int:
+        """Wait for every rank; kill them all (-9) past ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while self.poll() is None:
+            if time.monotonic() > deadline:
+                self.kill()
+            time.sleep(0.01)
+        return self.returncode
+
+    def communicate(self, timeout: float = 300) -> tuple[str, None]:
+        self.wait(timeout)
+        return self.logs[0].read_text(), None
+
+    def results(self) -> list[tuple[int, str]]:
+        """[(exit code, log)] of every rank, once ended."""
+        return [(self.codes[pid], log.read_text()) for pid, log in zip(self.pids, self.logs, strict=True)]
+
+
 def launch(args: list[str], nproc: int, log_dir: Path, timeout: float = 300) -> list[tuple[int, str]]:
     """Fork ``nproc`` ranks of ``python -m launchers.train ARGS`` and wait for them: [(exit code, log)] per rank.
 
     ``nproc == 1`` is a plain one-process run (no torchrun variables); more ranks get torchrun's
-    environment on a free local port. A rank still running after ``timeout`` seconds is killed (-9).
+    environment on a free local port. Ranks still running after ``timeout`` seconds are killed (-9).
     """
-    preload()
-    log_dir.mkdir(parents=True, exist_ok=True)
-    port = str(free_port())
-    pids = []
-    for rank in range(nproc):
-        env = {} if nproc == 1 else {
-            "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
-            "LOCAL_WORLD_SIZE": str(nproc), "GROUP_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
-        }
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:
-            _child(args, env, log_dir / f"rank{rank}.log")
-        pids.append(pid)
-    deadline = time.monotonic() + timeout
-    codes: dict[int, int] = {}
-    while len(codes) < len(pids):
-        for pid in pids:
-            if pid in codes:
-                continue
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                codes[pid] = os.waitstatus_to_exitcode(status)
-                if codes[pid] != 0:  # as torchrun does: one failed rank stops the others
-                    for other in pids:
-                        if other not in codes:
-                            os.kill(other, signal.SIGKILL)
-        if time.monotonic() > deadline:
-            for pid in pids:
-                if pid not in codes:
-                    os.kill(pid, signal.SIGKILL)
-        time.sleep(0.02)
-    return [(codes[pid], (log_dir / f"rank{rank}.log").read_text()) for rank, pid in enumerate(pids)]
+    run = ForkedRun(args, nproc, log_dir)
+    run.wait(timeout)
+    return run.results()
 
 
 def launch_ok(args: list[str], nproc: int, log_dir: Path, timeout: float = 300) -> None:
