@@ -25,8 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def preload() -> None:
-    """Import what every child would import, once, in the test process (megatron-core: ~5 s of CPU)."""
+def preload(distributed: bool) -> None:
+    """Import what every child would import, once, in the test process (megatron-core, ~5 s of CPU, for ranks)."""
     import logging
 
     import torch  # noqa: F401
@@ -34,6 +34,8 @@ def preload() -> None:
     import launchers.backends.toy.trainer  # noqa: F401
     import launchers.train  # noqa: F401
 
+    if not distributed:  # a one-process run never imports megatron-core
+        return
     logging.getLogger("megatron").setLevel(logging.WARNING)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
@@ -90,7 +92,7 @@ class ForkedRun:
     """
 
     def __init__(self, args: list[str], nproc: int, log_dir: Path) -> None:
-        preload()
+        preload(nproc > 1)
         log_dir.mkdir(parents=True, exist_ok=True)
         self.logs = [log_dir / f"rank{rank}.log" for rank in range(nproc)]
         port = str(free_port())
