@@ -25,14 +25,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def preload(distributed: bool) -> None:
-    """Import what every child would import, once, in the test process (megatron-core, ~5 s of CPU, for ranks)."""
+def preload(distributed: bool, trl: bool) -> None:
+    """Import what every child would import, once, in the test process (megatron-core, ~5 s of CPU, for ranks
+    of the toy backend; transformers and TRL for ``backend=trl``)."""
     import logging
 
     import torch  # noqa: F401
 
-    import launchers.backends.toy.trainer  # noqa: F401
     import launchers.train  # noqa: F401
+
+    if trl:
+        import launchers.backends.hf.train  # noqa: F401
+
+        return  # TRL's data parallelism is accelerate's: no megatron-core
+    import launchers.backends.toy.trainer  # noqa: F401
 
     if not distributed:  # a one-process run never imports megatron-core
         return
@@ -58,8 +64,9 @@ def _child(args: list[str], env: dict[str, str], log: Path) -> None:
         os.dup2(fd, 2)
         sys.stdout = open(1, "w", closefd=False, buffering=1)  # noqa: SIM115
         sys.stderr = open(2, "w", closefd=False, buffering=1)  # noqa: SIM115
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, signal.SIG_DFL)
+        # a fresh interpreter's handlers (pytest and xdist may have set their own)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.chdir(ROOT)
         os.environ.update(env)
         import torch
@@ -91,15 +98,15 @@ class ForkedRun:
     ended; ``communicate`` returns rank 0's log (stdout and stderr together) and ``None``.
     """
 
-    def __init__(self, args: list[str], nproc: int, log_dir: Path) -> None:
-        preload(nproc > 1)
+    def __init__(self, args: list[str], nproc: int, log_dir: Path, env: dict[str, str] | None = None) -> None:
+        preload(nproc > 1, "backend=trl" in args)
         log_dir.mkdir(parents=True, exist_ok=True)
         self.logs = [log_dir / f"rank{rank}.log" for rank in range(nproc)]
         port = str(free_port())
         self.pids: list[int] = []
         self.codes: dict[int, int] = {}
         for rank in range(nproc):
-            env = {} if nproc == 1 else {
+            ranks = {} if nproc == 1 else {
                 "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc),
                 "GROUP_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
             }
@@ -107,7 +114,7 @@ class ForkedRun:
             sys.stderr.flush()
             pid = os.fork()
             if pid == 0:
-                _child(args, env, self.logs[rank])
+                _child(args, {**(env or {}), **ranks}, self.logs[rank])
             self.pids.append(pid)
         self.pid = self.pids[0]
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from launchers.config.preflight import compose_job
+from tests.forked_launch import ForkedRun
 
 ROOT = Path(__file__).resolve().parent.parent
 PRESETS = sorted(p.stem for p in (ROOT / "conf" / "loss").glob("*.yaml"))
@@ -36,6 +37,7 @@ REQUIRED_KEYS = {
 }
 TIMING_KEYS = {"step_seconds"}
 OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+FORK_OFFLINE = {"HF_HUB_OFFLINE": "1"}
 
 pytestmark = pytest.mark.slow
 
@@ -80,13 +82,12 @@ def test_two_step_run_per_preset_writes_every_metric(tmp_path, preset):
 
 def test_drgrpo_with_the_deepswe_divisor_from_the_command_line(tmp_path):
     # the command of the issue, as typed (default sizes: 16 prompts x 8 samples, steps of 128), in a known folder
-    result = subprocess.run(
-        [sys.executable, "-m", "launchers.train", "backend=trl", "model=hf_tiny", "loss=drgrpo", "loss.divisor=40960",
-         "trainer.max_steps=4", f"hydra.run.dir={tmp_path}", "progress=log"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600, env=OFFLINE,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    records = read_metrics(tmp_path)
+    # (forked from the test process: the same launchers.train entry, tests/forked_launch.py)
+    run = ForkedRun(["backend=trl", "model=hf_tiny", "loss=drgrpo", "loss.divisor=40960", "trainer.max_steps=4",
+                     f"hydra.run.dir={tmp_path / 'run'}", "progress=log"], 1, tmp_path / "logs", env=FORK_OFFLINE)
+    output, _ = run.communicate(timeout=600)
+    assert run.returncode == 0, output[-3000:]
+    records = read_metrics(tmp_path / "run")
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert {r["aggregation"] for r in records} == {"constant"}
     for record in records:  # weight 1 / (N L) per token: sum w = T / (128 * 40960)
@@ -111,9 +112,9 @@ def test_several_steps_per_rollout_share_its_reward(tmp_path):
 
 
 def save_tiny_model(folder: Path, chat_template: str | None = None) -> Path:
-    from launchers.config.backends import HFTinyModelConfig
     from launchers.backends.hf.models import tiny_model
     from launchers.backends.toy.task import DigitSumTask
+    from launchers.config.backends import HFTinyModelConfig
 
     policy = tiny_model(HFTinyModelConfig(), DigitSumTask(), seed=0)
     if chat_template is not None:
@@ -134,10 +135,10 @@ def test_pretrained_model_loads_from_a_local_folder(tmp_path):
 
 
 def test_pretrained_model_with_a_chat_template_gets_chat_prompts(tmp_path):
-    from launchers.config.backends import HFModelConfig
     from launchers.backends.hf.models import pretrained_model
     from launchers.backends.hf.task import chat_prompt
     from launchers.backends.toy.task import DigitSumTask
+    from launchers.config.backends import HFModelConfig
 
     folder = save_tiny_model(tmp_path, chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
     policy = pretrained_model(HFModelConfig(name_or_path=str(folder)), DigitSumTask(), seed=0)
@@ -230,15 +231,14 @@ def test_ctrl_c_writes_a_checkpoint_before_exiting(tmp_path):
 
 
 def test_data_parallel_run_uses_the_world_size(tmp_path):
-    # accelerate launch --multi_gpu starts its processes with torchrun; on the CPU torchrun itself does
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "launchers.train", *SMALL,
-         "trainer.micro_batch_size=2", "trainer.max_steps=2", f"hydra.run.dir={tmp_path}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600, env=OFFLINE,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "world=2 (DP through accelerate)" in result.stdout + result.stderr
-    records = read_metrics(tmp_path)
+    # accelerate launch --multi_gpu starts its processes with torchrun; here two ranks forked from the test
+    # process with torchrun's environment (tests/forked_launch.py; tests/test_trl_integration.py runs torchrun)
+    run = ForkedRun([*SMALL, "trainer.micro_batch_size=2", "trainer.max_steps=2", f"hydra.run.dir={tmp_path / 'run'}"],
+                    2, tmp_path / "logs", env=FORK_OFFLINE)
+    output, _ = run.communicate(timeout=600)
+    assert [code for code, _ in run.results()] == [0, 0], [log[-3000:] for _, log in run.results()]
+    assert "world=2 (DP through accelerate)" in output
+    records = read_metrics(tmp_path / "run")
     assert [r["step"] for r in records] == [1, 2]  # written once, by the first process
     assert all(r["response_length_mean"] == r["tokens"] / 8 for r in records)  # both processes' samples
 
