@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -212,12 +211,11 @@ def test_sweep_runs_trl_jobs_one_after_another(tmp_path, monkeypatch):
 
 
 def test_ctrl_c_writes_a_checkpoint_before_exiting(tmp_path):
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "launchers.train", *SMALL, "trainer.max_steps=500", "trainer.save_every=500",
-         f"hydra.run.dir={tmp_path}"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=OFFLINE,
-    )
-    metrics = tmp_path / "metrics.jsonl"
+    # forked from the test process (tests/forked_launch.py); tests/test_trl_run_safety.py signals a `python -m` run
+    run_dir = tmp_path / "run"
+    proc = ForkedRun([*SMALL, "trainer.max_steps=500", "trainer.save_every=500", f"hydra.run.dir={run_dir}"], 1,
+                     tmp_path / "logs", env=FORK_OFFLINE)
+    metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 240
     while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
@@ -225,8 +223,8 @@ def test_ctrl_c_writes_a_checkpoint_before_exiting(tmp_path):
     proc.send_signal(signal.SIGINT)
     output, _ = proc.communicate(timeout=240)
     assert proc.returncode == 130, output[-3000:]
-    last = read_metrics(tmp_path)[-1]["step"]
-    assert (tmp_path / "checkpoints" / f"checkpoint-{last}" / "trainer_state.json").exists(), output[-3000:]
+    last = read_metrics(run_dir)[-1]["step"]
+    assert (run_dir / "checkpoints" / f"checkpoint-{last}" / "trainer_state.json").exists(), output[-3000:]
     assert "resume=true" in output
 
 
