@@ -1,52 +1,53 @@
-"""Launcher runs forked from the test process: the same ``launchers.train.main`` entry, without cold interpreters.
+"""Launcher runs forked from a warm fork server: the same ``launchers.train.main`` entry, without cold interpreters.
 
 A ``python -m launchers.train`` subprocess spends ~2.5 s of CPU importing torch, and each rank of a torchrun
-launch ~5 s more importing megatron-core. A forked child inherits the test process's imports (torch,
-megatron-core's ``parallel_state``, the launcher), so it starts in milliseconds. A rank gets the environment
+launch ~5 s more importing megatron-core. Here each run is forked by multiprocessing's fork server, started
+once per test process with those modules imported (torch, megatron-core's ``parallel_state``, the launcher
+and its TRL backend), so a run starts in milliseconds. The fork server is a fresh interpreter: a child
+inherits neither the test process's threads nor its state (a gloo process group left by an in-process test
+would hang a forked child in its destructor, which joins threads the child does not have). A rank gets the environment
 torchrun gives it (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and goes through
 the same command-line validation, Hydra job, gloo process group and megatron-core ``parallel_state`` path.
 
 Each child runs the command line in the repository root, writes its stdout and stderr to ``rank<N>.log`` in
-``log_dir`` (the failure message shows them) and leaves with ``os._exit``: nothing of pytest's (its
-capture, its atexit hooks, the xdist channel) runs in the child. The children use one torch thread (a fork
-after a thread pool started must not use that pool).
+``log_dir`` (the failure message shows them) and leaves with ``os._exit``. The children use one torch
+thread, as the test workers do.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import socket
 import sys
 import time
-import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def preload(distributed: bool, trl: bool) -> None:
-    """Import what every child would import, once, in the test process (megatron-core, ~5 s of CPU, for ranks
-    of the toy backend; transformers and TRL for ``backend=trl``)."""
-    import logging
+PRELOAD = ["torch", "megatron.core.parallel_state", "launchers.train", "launchers.backends.toy.trainer",
+           "launchers.backends.hf.train", "tests.forked_launch"]
 
-    import torch  # noqa: F401
 
-    import launchers.train  # noqa: F401
+def _context():
+    """multiprocessing's fork server, importing :data:`PRELOAD` once when it starts."""
+    import multiprocessing
 
-    if trl:
-        import launchers.backends.hf.train  # noqa: F401
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    atexit.register(_stop_fork_server)
+    return ctx
 
-        return  # TRL's data parallelism is accelerate's: no megatron-core
-    import launchers.backends.toy.trainer  # noqa: F401
 
-    if not distributed:  # a one-process run never imports megatron-core
-        return
-    logging.getLogger("megatron").setLevel(logging.WARNING)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
-        warnings.filterwarnings("ignore", category=DeprecationWarning)  # megatron-core's own, at import
-        from megatron.core import parallel_state  # noqa: F401
+def _stop_fork_server() -> None:
+    """Stop and reap the fork server at exit, so its runs' CPU time counts in the test process's children."""
+    from multiprocessing import forkserver
+
+    stop = getattr(forkserver._forkserver, "_stop", None)  # CPython's own teardown (3.8+), not public API
+    if stop is not None:
+        stop()
 
 
 def free_port() -> int:
@@ -57,6 +58,9 @@ def free_port() -> int:
 
 def _child(args: list[str], env: dict[str, str], log: Path) -> None:
     """Body of a forked child: never returns."""
+    import logging
+
+    logging.getLogger("megatron").setLevel(logging.WARNING)
     code = 1
     try:
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -99,48 +103,41 @@ class ForkedRun:
     """
 
     def __init__(self, args: list[str], nproc: int, log_dir: Path, env: dict[str, str] | None = None) -> None:
-        preload(nproc > 1, "backend=trl" in args)
+        ctx = _context()
         log_dir.mkdir(parents=True, exist_ok=True)
         self.logs = [log_dir / f"rank{rank}.log" for rank in range(nproc)]
         port = str(free_port())
-        self.pids: list[int] = []
-        self.codes: dict[int, int] = {}
+        self.procs = []
         for rank in range(nproc):
             ranks = {} if nproc == 1 else {
                 "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc),
                 "GROUP_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
             }
-            sys.stdout.flush()
-            sys.stderr.flush()
-            pid = os.fork()
-            if pid == 0:
-                _child(args, {**(env or {}), **ranks}, self.logs[rank])
-            self.pids.append(pid)
-        self.pid = self.pids[0]
+            proc = ctx.Process(target=_child, args=(args, {**(env or {}), **ranks}, self.logs[rank]), daemon=True)
+            proc.start()
+            self.procs.append(proc)
+        self.pid = self.procs[0].pid
+        self.pids = [proc.pid for proc in self.procs]
 
     @property
     def returncode(self) -> int | None:
-        return self.codes[self.pid] if len(self.codes) == len(self.pids) else None
+        codes = [proc.exitcode for proc in self.procs]
+        return None if None in codes else codes[0]
 
     def poll(self) -> int | None:
-        """Reap the ranks that ended; as torchrun does, one failed rank stops the others."""
-        for pid in self.pids:
-            if pid not in self.codes:
-                done, status = os.waitpid(pid, os.WNOHANG)
-                if done:
-                    self.codes[pid] = os.waitstatus_to_exitcode(status)
-        if any(code != 0 for code in self.codes.values()):
-            self._signal_running(signal.SIGKILL)
+        """The ranks' state; as torchrun does, one failed rank stops the others."""
+        if any(proc.exitcode not in (None, 0) for proc in self.procs):
+            self.kill()
         return self.returncode
 
     def _signal_running(self, signum: int) -> None:
-        for pid in self.pids:
-            if pid not in self.codes:
-                os.kill(pid, signum)
+        for proc in self.procs:
+            if proc.exitcode is None:
+                os.kill(proc.pid, signum)
 
     def send_signal(self, signum: int) -> None:
         """Signal rank 0."""
-        if self.pid not in self.codes:
+        if self.procs[0].exitcode is None:
             os.kill(self.pid, signum)
 
     def kill(self) -> None:
@@ -161,7 +158,7 @@ class ForkedRun:
 
     def results(self) -> list[tuple[int, str]]:
         """[(exit code, log)] of every rank, once ended."""
-        return [(self.codes[pid], log.read_text()) for pid, log in zip(self.pids, self.logs, strict=True)]
+        return [(proc.exitcode, log.read_text()) for proc, log in zip(self.procs, self.logs, strict=True)]
 
 
 def launch(args: list[str], nproc: int, log_dir: Path, timeout: float = 300) -> list[tuple[int, str]]:
