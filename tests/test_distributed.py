@@ -1,15 +1,20 @@
 """End-to-end layout invariance (docs/exactness.md, docs/launcher.md): the same seed gives the same rollouts, step objective
-and gradient for any DP x CP layout, qkv format and micro-batch size, under torchrun on gloo."""
+and gradient for any DP x CP layout, qkv format and micro-batch size, on gloo.
+
+One layout runs under a real ``torchrun`` (the command-line path); the others fork their ranks from the
+test process with torchrun's environment (:mod:`tests.forked_launch`: same entry point, same gloo and
+megatron-core ``parallel_state`` path, no cold interpreter importing torch and megatron-core per rank)."""
 
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.forked_launch import free_port, launch_ok
 
 ROOT = Path(__file__).resolve().parent.parent
 # dapo (token_mean) keeps pg_loss away from 0 (a sample_mean pg_loss of zero-mean advantages is ~1e-10,
@@ -40,21 +45,19 @@ COMPARED = {"pg_loss": 0.0, "grad_norm": 0.0, "entropy": 0.0, "loss_scale_vs_tok
 RTOL = 1e-4
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# the layout launched by a real torchrun (the others fork their ranks)
+TORCHRUN_LAYOUT = "2 processes, cp 2"
 
 
-def run(run_dir: Path, nproc: int, overrides: list[str], base: list[str] = BASE) -> list[dict]:
+def run(run_dir: Path, nproc: int, overrides: list[str], base: list[str] = BASE, torchrun: bool = False) -> list[dict]:
     args = [*base, *overrides, f"hydra.run.dir={run_dir}"]
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "launchers.train", *args]
-    else:
+    if torchrun:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
                f"--master-port={free_port()}", "-m", "launchers.train", *args]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    else:
+        launch_ok(args, nproc, run_dir.parent / f"{run_dir.name}-logs")
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -67,7 +70,7 @@ def single_process(tmp_path_factory) -> list[dict]:
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layout_gives_same_rollouts_objective_and_gradient(tmp_path, single_process, layout):
     nproc, overrides = LAYOUTS[layout]
-    records = run(tmp_path, nproc, overrides)
+    records = run(tmp_path / "run", nproc, overrides, torchrun=layout == TORCHRUN_LAYOUT)
     assert len(records) == len(single_process) == 2
     for got, want in zip(records, single_process, strict=True):
         # same rollout: identical rewards, lengths and token counts
@@ -90,10 +93,11 @@ PRESETS = {
     "cispo": [],
     "sapo": [],
     "scalerl": ["trainer.global_batch_size=16"],
-    # the 2026 presets (docs/objectives-2026.md): vespo all-reduces each sample's log-ratio sum over CP.
-    # (gmpo and gspo_token miss the 1e-9 pg_loss floor at the zero-mean first step by the same 1.86e-9 as gspo
-    # does on this machine: not listed until that floor is settled.)
+    # the 2026 presets (docs/objectives-2026.md): vespo all-reduces each sample's log-ratio sum over CP, gmpo
+    # its clipped log-ratios, gspo_token its detached mean log-ratio.
     "vespo": [],
+    "gmpo": [],
+    "gspo_token": [],
     "dppo": [],
 }
 PRESET_BASE = [arg for arg in BASE if not arg.startswith("loss=")]

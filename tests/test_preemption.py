@@ -1,5 +1,9 @@
 """Runs that survive preemption and crashes (docs/run-safety.md), as real processes: signals, SIGKILL at random
-steps, a second launch into a live run, resume under a new DP x CP layout, submitit requeue."""
+steps, a second launch into a live run, resume under a new DP x CP layout, submitit requeue.
+
+The signal, SIGKILL and new-layout runs are forked from the test process (:mod:`tests.forked_launch`: the
+same ``launchers.train`` entry, torchrun's environment for ranks, no cold interpreter); the SIGTERM to one
+rank, the second launch and the submitit requeue go through the real command line (torchrun, python -m)."""
 
 from __future__ import annotations
 
@@ -18,14 +22,20 @@ import pytest
 
 from launchers.runs.checkpoints import verify_checksum
 from launchers.runs.run_lock import LOCK_NAME
+from tests.forked_launch import ForkedRun
 from tests.test_checkpoints import resumed_from
 from tests.test_distributed import BASE, COMPARED, RTOL, free_port
-from tests.test_trainer import ROOT, TINY, launch, read_metrics, run_tiny, without_timing
+from tests.test_trainer import ROOT, TINY, read_metrics, run_tiny, without_timing
 
 pytestmark = pytest.mark.slow
 
 
-def wait_for_steps(proc: subprocess.Popen, run_dir: Path, steps: int, timeout: float = 120) -> None:
+def launch(run_dir: Path, *overrides: str) -> ForkedRun:
+    """One process of ``python -m launchers.train TINY hydra.run.dir=RUN_DIR OVERRIDES``, forked."""
+    return ForkedRun([*TINY, f"hydra.run.dir={run_dir}", *overrides], 1, run_dir.parent / f"{run_dir.name}-logs")
+
+
+def wait_for_steps(proc: subprocess.Popen | ForkedRun, run_dir: Path, steps: int, timeout: float = 120) -> None:
     """Wait until ``run_dir/metrics.jsonl`` holds ``steps`` complete lines (and the lock names its owner)."""
     metrics, deadline = run_dir / "metrics.jsonl", time.monotonic() + timeout
     while not (metrics.exists() and metrics.read_bytes().count(b"\n") >= steps and (run_dir / LOCK_NAME).exists()):
@@ -118,7 +128,7 @@ def torchrun(run_dir: Path, nproc: int, *overrides: str) -> list[str]:
 
 
 def test_resume_under_a_new_dp_cp_layout_continues_the_trajectory(tmp_path):
-    # one process to step 3 (mid-rollout), then torchrun with 2 processes and CP 2 to step 6
+    # one process to step 3 (mid-rollout), then 2 ranks (torchrun's environment) with CP 2 to step 6
     from launchers.backends.toy.trainer import train
     from launchers.config.preflight import compose_job
 
@@ -127,11 +137,12 @@ def test_resume_under_a_new_dp_cp_layout_continues_the_trajectory(tmp_path):
     run_dir = tmp_path / "relaid"
     train(compose_job([*BASE, "trainer.max_steps=4", "trainer.save_every=3"]).config, run_dir)
     (run_dir / "checkpoints" / "step_000004.pt").unlink()
-    result = subprocess.run(torchrun(run_dir, 2, "trainer.max_steps=6", "trainer.save_every=3", "resume=true",
-                                     "parallel.cp_size=2"), cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "accepted run-invariant change parallel.cp_size: 1 -> 2" in result.stderr + result.stdout
-    assert re.search(r"resumed from \S+step_000003.pt \(step 3\)", result.stderr + result.stdout)
+    ranks = ForkedRun([*BASE, "trainer.max_steps=6", "trainer.save_every=3", "resume=true", "parallel.cp_size=2",
+                       f"hydra.run.dir={run_dir}"], 2, tmp_path / "relaid-logs")
+    output, _ = ranks.communicate(timeout=300)  # rank 0's
+    assert [code for code, _ in ranks.results()] == [0, 0], [log[-3000:] for _, log in ranks.results()]
+    assert "accepted run-invariant change parallel.cp_size: 1 -> 2" in output
+    assert re.search(r"resumed from \S+step_000003.pt \(step 3\)", output)
     records = read_metrics(run_dir)
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     assert without_timing(records[:3]) == without_timing(straight[:3])

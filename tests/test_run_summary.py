@@ -17,6 +17,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from launchers.runs.run_io import Progress, format_duration
 from launchers.runs.summary import hydra_path_override, launcher_command, resume_command, summary_lines
+from tests.forked_launch import ForkedRun
 
 ROOT = Path(__file__).resolve().parent.parent
 REWARDS = [0.1, 0.3, 0.4, 0.4, 0.5, 0.5, 0.6, 0.8]  # first quarter (2 steps) 0.2, last quarter 0.7
@@ -148,22 +149,22 @@ def test_progress_prints_nothing_on_other_ranks(caplog):
 
 @pytest.mark.slow
 def test_continue_command_of_a_finished_run_runs_and_extends_it(tmp_path):
+    # both runs are forked from the test process (tests/forked_launch.py): the printed command's arguments
+    # go through the same launchers.train entry a `python -m launchers.train` runs
     folder = tmp_path / "0_loss=dapo,seed=0"
-    first = subprocess.run(
-        [sys.executable, "-m", "launchers.train", "loss=dapo", *TINY, "trainer.max_steps=2",
-         hydra_path_override("hydra.run.dir", str(folder))],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )
-    assert first.returncode == 0, first.stderr[-3000:]
-    output = first.stdout + first.stderr
+    first = ForkedRun(["loss=dapo", *TINY, "trainer.max_steps=2", hydra_path_override("hydra.run.dir", str(folder))],
+                      1, tmp_path / "first-logs")
+    output, _ = first.communicate(timeout=300)
+    assert first.returncode == 0, output[-3000:]
     assert "finished: 2 steps in " in output
     command = next(line for line in output.splitlines() if "  continue: " in line).split("  continue: ", 1)[1]
     argv = shlex.split(command)
     assert argv[:3] == ["python", "-m", "launchers.train"]
-    second = subprocess.run([sys.executable, *argv[1:]], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert second.returncode == 0, second.stderr[-3000:]
+    second = ForkedRun(argv[3:], 1, tmp_path / "second-logs")
+    output, _ = second.communicate(timeout=300)
+    assert second.returncode == 0, output[-3000:]
     assert len((folder / "metrics.jsonl").read_text().splitlines()) == 4
-    assert "finished: steps 3-4 in " in second.stdout + second.stderr
+    assert "finished: steps 3-4 in " in output
 
 
 @pytest.mark.slow

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from launchers.config.preflight import compose_job
+from tests.forked_launch import ForkedRun
 
 ROOT = Path(__file__).resolve().parent.parent
 PRESETS = sorted(p.stem for p in (ROOT / "conf" / "loss").glob("*.yaml"))
@@ -36,6 +36,7 @@ REQUIRED_KEYS = {
 }
 TIMING_KEYS = {"step_seconds"}
 OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+FORK_OFFLINE = {"HF_HUB_OFFLINE": "1"}
 
 pytestmark = pytest.mark.slow
 
@@ -80,13 +81,12 @@ def test_two_step_run_per_preset_writes_every_metric(tmp_path, preset):
 
 def test_drgrpo_with_the_deepswe_divisor_from_the_command_line(tmp_path):
     # the command of the issue, as typed (default sizes: 16 prompts x 8 samples, steps of 128), in a known folder
-    result = subprocess.run(
-        [sys.executable, "-m", "launchers.train", "backend=trl", "model=hf_tiny", "loss=drgrpo", "loss.divisor=40960",
-         "trainer.max_steps=4", f"hydra.run.dir={tmp_path}", "progress=log"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600, env=OFFLINE,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    records = read_metrics(tmp_path)
+    # (forked from the test process: the same launchers.train entry, tests/forked_launch.py)
+    run = ForkedRun(["backend=trl", "model=hf_tiny", "loss=drgrpo", "loss.divisor=40960", "trainer.max_steps=4",
+                     f"hydra.run.dir={tmp_path / 'run'}", "progress=log"], 1, tmp_path / "logs", env=FORK_OFFLINE)
+    output, _ = run.communicate(timeout=600)
+    assert run.returncode == 0, output[-3000:]
+    records = read_metrics(tmp_path / "run")
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert {r["aggregation"] for r in records} == {"constant"}
     for record in records:  # weight 1 / (N L) per token: sum w = T / (128 * 40960)
@@ -211,12 +211,11 @@ def test_sweep_runs_trl_jobs_one_after_another(tmp_path, monkeypatch):
 
 
 def test_ctrl_c_writes_a_checkpoint_before_exiting(tmp_path):
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "launchers.train", *SMALL, "trainer.max_steps=500", "trainer.save_every=500",
-         f"hydra.run.dir={tmp_path}"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=OFFLINE,
-    )
-    metrics = tmp_path / "metrics.jsonl"
+    # forked from the test process (tests/forked_launch.py); tests/test_trl_run_safety.py signals a `python -m` run
+    run_dir = tmp_path / "run"
+    proc = ForkedRun([*SMALL, "trainer.max_steps=500", "trainer.save_every=500", f"hydra.run.dir={run_dir}"], 1,
+                     tmp_path / "logs", env=FORK_OFFLINE)
+    metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 240
     while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
@@ -224,21 +223,20 @@ def test_ctrl_c_writes_a_checkpoint_before_exiting(tmp_path):
     proc.send_signal(signal.SIGINT)
     output, _ = proc.communicate(timeout=240)
     assert proc.returncode == 130, output[-3000:]
-    last = read_metrics(tmp_path)[-1]["step"]
-    assert (tmp_path / "checkpoints" / f"checkpoint-{last}" / "trainer_state.json").exists(), output[-3000:]
+    last = read_metrics(run_dir)[-1]["step"]
+    assert (run_dir / "checkpoints" / f"checkpoint-{last}" / "trainer_state.json").exists(), output[-3000:]
     assert "resume=true" in output
 
 
 def test_data_parallel_run_uses_the_world_size(tmp_path):
-    # accelerate launch --multi_gpu starts its processes with torchrun; on the CPU torchrun itself does
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "launchers.train", *SMALL,
-         "trainer.micro_batch_size=2", "trainer.max_steps=2", f"hydra.run.dir={tmp_path}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600, env=OFFLINE,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "world=2 (DP through accelerate)" in result.stdout + result.stderr
-    records = read_metrics(tmp_path)
+    # accelerate launch --multi_gpu starts its processes with torchrun; here two ranks forked from the test
+    # process with torchrun's environment (tests/forked_launch.py; tests/test_trl_integration.py runs torchrun)
+    run = ForkedRun([*SMALL, "trainer.micro_batch_size=2", "trainer.max_steps=2", f"hydra.run.dir={tmp_path / 'run'}"],
+                    2, tmp_path / "logs", env=FORK_OFFLINE)
+    output, _ = run.communicate(timeout=600)
+    assert [code for code, _ in run.results()] == [0, 0], [log[-3000:] for _, log in run.results()]
+    assert "world=2 (DP through accelerate)" in output
+    records = read_metrics(tmp_path / "run")
     assert [r["step"] for r in records] == [1, 2]  # written once, by the first process
     assert all(r["response_length_mean"] == r["tokens"] / 8 for r in records)  # both processes' samples
 
