@@ -163,9 +163,8 @@ class TokenReducer:
     def __call__(self, local_values: Tensor) -> Tensor:
         """Partial objective ``sum_k w[k] * local_values[k]`` (differentiable in ``local_values``).
 
-        The sum runs in float64 whatever the values' dtype, and the partial is in at least float32: float16 /
-        bfloat16 values give a float32 partial (a float16 sum of millions of tokens drifts by percents; see
-        docs/trust-library.md).
+        The sum runs in at least float32, pairwise (see :func:`_weighted_sum`): float16 / bfloat16 values give
+        a float32 partial (a float16 sum of millions of tokens drifts by percents; see docs/trust-library.md).
 
         Raises:
             TypeError: if ``local_values`` is not a tensor of floating-point values (integer or boolean
@@ -174,7 +173,7 @@ class TokenReducer:
                 a non-finite value at a token with non-zero weight. Non-finite values at masked tokens are ignored.
         """
         self._check_local_values(local_values)
-        weights = self.weights(torch.float64, local_values.device)
+        weights = self.weights(accumulation_dtype(local_values.dtype), local_values.device)
         partial = _weighted_sum(local_values, weights)
         if self._check_finite and not bool(torch.isfinite(partial)):
             partial = self._reduce_nonfinite(local_values, weights)
@@ -193,7 +192,7 @@ class TokenReducer:
         # garbage (padding, -inf log-probs); an active one may not.
         active = weights != 0
         self._raise_if_nonfinite(local_values, active)
-        return _weighted_sum(torch.where(active, local_values, torch.zeros_like(local_values)), weights)  # float64 weights
+        return _weighted_sum(torch.where(active, local_values, torch.zeros_like(local_values)), weights)
 
     def _raise_if_nonfinite(self, local_values: Tensor, active: Tensor) -> None:
         bad = torch.nonzero(active & ~torch.isfinite(local_values.detach()))
@@ -208,17 +207,16 @@ class TokenReducer:
             )
 
 
-def _weighted_sum(values: Tensor, weights64: Tensor) -> Tensor:
-    """``sum_k w[k] * v[k]`` accumulated in float64 whatever the values' dtype, returned in at least float32.
+def _weighted_sum(values: Tensor, weights: Tensor) -> Tensor:
+    """``sum_k w[k] * v[k]`` with ``weights`` in the accumulation dtype (at least float32): a product, then
+    torch's pairwise (cascade) sum.
 
-    A float32 BLAS dot on CPU accumulates in a few running sums and drifts (1e7 tokens of token_mean ones
-    give 1.002), and float16 / bfloat16 sums stall (0.954 at 2e6 tokens). Products of float32 (or narrower)
-    values with float64 weights are exact to float64 precision and their float64 sum loses nothing a
-    float32 result would show, so a partial is rounded once, at the end.
+    Not a dot product: a float32 BLAS dot on CPU accumulates in a few running sums and drifts (1e7 tokens of
+    token_mean ones give 1.002), where the pairwise sum gives 1 to float32's precision; float16 / bfloat16
+    values are summed in float32, since their own sums stall (0.954 at 2e6 tokens). A float64 sum of float32
+    values would be exact too, but costs a widened copy of the values: twice a bare masked sum (make bench).
     """
-    if values.dtype == torch.float64:
-        return torch.dot(values, weights64)
-    return torch.dot(values.to(torch.float64), weights64).to(accumulation_dtype(values.dtype))
+    return (values.to(weights.dtype) * weights).sum()
 
 
 def local_reducer(
